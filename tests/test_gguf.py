@@ -1,0 +1,315 @@
+"""GGUFSource: the real SmolLM2 Q4_1 GGUF against transformers' own GGUF loader, and tiny synthetic GGUF
+files for the q/k un-permutation, stored dtypes, experts, rope metadata and the error messages."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from sami_jax.checkpoints import CheckpointError  # noqa: E402
+from sami_jax.checkpoints import gguf as gguf_ckpt  # noqa: E402
+from sami_jax.checkpoints.gguf import GGUFSource  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+
+
+# ---- real SmolLM2-135M-Instruct (Q4_1 linears, Q8_0 embeddings, F32 norms) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_source(smollm2_gguf) -> GGUFSource:
+    return GGUFSource(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_gguf, smollm2_source):
+    """transformers' own dequantization of the same file: {name: float32 array}.
+
+    Passing our config skips transformers' separate metadata pass (~7 s of GGUF header parsing); its tensor
+    pass re-reads the metadata itself, so names, dequantization and the q/k un-permutation stay independent
+    of ours, and a shape our config got wrong would show up as a mismatch in the comparison."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent),
+        gguf_file=smollm2_gguf.name,
+        config=transformers.AutoConfig.for_model(**smollm2_source.hf_config()),
+        dtype=torch.float32,
+    )
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_smollm2_config(smollm2_source):
+    cfg = smollm2_source.hf_config()
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    expected = {
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "rope_theta": 1e5,
+        "rms_norm_eps": 1e-5,  # stored as float32 9.99999974e-06, given back as the decimal it came from
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    }
+    assert {k: cfg[k] for k in expected} == expected
+    assert "rope_scaling" not in cfg and "num_local_experts" not in cfg and "sliding_window" not in cfg
+    # the dict is usable as a config.json by transformers
+    transformers = pytest.importorskip("transformers")
+    rebuilt = transformers.AutoConfig.for_model(**cfg)
+    assert rebuilt.num_key_value_heads == 3 and rebuilt.rope_parameters["rope_theta"] == 1e5
+    assert smollm2_source.metadata("tokenizer.ggml.model") == "gpt2"
+    assert len(smollm2_source.metadata("tokenizer.ggml.tokens")) == 49152
+    assert smollm2_source.metadata("no.such.key", "absent") == "absent"
+
+
+def test_smollm2_tensors_equal_transformers(smollm2_source, hf_smollm2):
+    hf = hf_smollm2
+    names = smollm2_source.names()
+    assert len(names) == len(set(names)) == 272
+    # transformers materialises the tied lm_head; the GGUF (and so our source) has no output.weight
+    assert set(names) == set(hf) - {"lm_head.weight"}
+    for name in names:
+        ours = smollm2_source.read(name)
+        assert ours.dtype == np.float32, name  # Q4_1/Q8_0 dequantized, norms stored as F32
+        assert ours.shape == smollm2_source.shape(name) == hf[name].shape, name
+        np.testing.assert_array_equal(ours, hf[name], err_msg=name)  # bit-identical, q/k included
+
+
+def test_unknown_name(smollm2_source):
+    with pytest.raises(CheckpointError) as e:
+        smollm2_source.read("lm_head.weight")
+    assert smollm2_source.path in str(e.value) and "lm_head.weight" in str(e.value)
+    with pytest.raises(CheckpointError):
+        smollm2_source.shape("model.layers.30.mlp.up_proj.weight")
+
+
+# ---- synthetic files ------------------------------------------------------------------------------------
+
+HEADS, KV_HEADS, HEAD_DIM, VOCAB, FFN = 4, 2, 8, 10, 64
+D = HEADS * HEAD_DIM  # 32: one Q8_0 block per row
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's q/k row permutation (HF layout -> GGUF layout)."""
+    rows, cols = w.shape
+    return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _write(path: pathlib.Path, tensors: dict, arch: str = "llama", meta=None) -> pathlib.Path:
+    """A GGUF file with llama metadata; tensors maps GGUF name -> array or (raw bytes, GGML type)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for add in meta or ():
+        add(w)
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            w.add_tensor(name, value[0], raw_dtype=value[1])
+        else:
+            w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _rand(*shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def _dense_model(**override) -> dict:
+    tensors = {
+        "token_embd.weight": _rand(VOCAB, D),
+        "output_norm.weight": _rand(D),
+        "blk.0.attn_norm.weight": _rand(D),
+        "blk.0.ffn_norm.weight": _rand(D, seed=1),
+        "blk.0.attn_q.weight": _rand(D, D),
+        "blk.0.attn_k.weight": _rand(KV_HEADS * HEAD_DIM, D),
+        "blk.0.attn_v.weight": _rand(KV_HEADS * HEAD_DIM, D, seed=1),
+        "blk.0.attn_output.weight": _rand(D, D, seed=1),
+        "blk.0.ffn_gate.weight": _rand(FFN, D),
+        "blk.0.ffn_up.weight": _rand(FFN, D, seed=1),
+        "blk.0.ffn_down.weight": _rand(D, FFN),
+    }
+    tensors.update(override)
+    return tensors
+
+
+def test_synthetic_permutation_dtypes_and_config(tmp_path):
+    import ml_dtypes
+
+    q_hf, k_hf = _rand(D, D, seed=5), _rand(KV_HEADS * HEAD_DIM, D, seed=6)
+    v16 = _rand(KV_HEADS * HEAD_DIM, D, seed=7).astype(np.float16)
+    o32 = _rand(D, D, seed=8)
+    up32 = _rand(FFN, D, seed=9)
+    lm_head = _rand(VOCAB, D, seed=10)
+    path = _write(
+        tmp_path / "tiny.gguf",
+        _dense_model(**{
+            "blk.0.attn_q.weight": _permute(q_hf, HEADS),
+            "blk.0.attn_k.weight": _permute(k_hf, KV_HEADS),
+            "blk.0.attn_v.weight": v16,
+            "blk.0.attn_output.weight": (gguf.quants.quantize(o32, T.BF16), T.BF16),
+            "blk.0.ffn_up.weight": (gguf.quants.quantize(up32, T.Q8_0), T.Q8_0),
+            "output.weight": lm_head,
+        }),
+        meta=[
+            lambda w: w.add_rope_freq_base(5e5),
+            lambda w: w.add_sliding_window(64),
+            lambda w: w.add_pad_token_id(0),
+            lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR),
+            lambda w: w.add_rope_scaling_factor(2.0),
+            lambda w: w.add_rope_scaling_orig_ctx_len(64),
+        ],
+    )
+    src = GGUFSource(path)
+    assert src.path == str(path)
+
+    # q and k rows come back in HF order exactly (q with 4 heads, k with its 2 KV heads)
+    np.testing.assert_array_equal(src.read("model.layers.0.self_attn.q_proj.weight"), q_hf)
+    np.testing.assert_array_equal(src.read("model.layers.0.self_attn.k_proj.weight"), k_hf)
+    assert not np.array_equal(_permute(q_hf, HEADS), q_hf)  # the test would be vacuous otherwise
+
+    # stored F16/BF16 keep their dtype; quantized types come back as float32
+    v = src.read("model.layers.0.self_attn.v_proj.weight")
+    assert v.dtype == np.float16
+    np.testing.assert_array_equal(v, v16)
+    o = src.read("model.layers.0.self_attn.o_proj.weight")
+    assert o.dtype == ml_dtypes.bfloat16 and o.shape == (D, D)
+    np.testing.assert_array_equal(o, o32.astype(ml_dtypes.bfloat16))
+    up = src.read("model.layers.0.mlp.up_proj.weight")
+    assert up.dtype == np.float32 and up.shape == (FFN, D)
+    np.testing.assert_array_equal(up, gguf.quants.dequantize(gguf.quants.quantize(up32, T.Q8_0), T.Q8_0))
+    np.testing.assert_allclose(up, up32, atol=0.05)
+    np.testing.assert_array_equal(src.read("lm_head.weight"), lm_head)
+    assert src.shape("model.layers.0.mlp.down_proj.weight") == (D, FFN)
+    assert src.read("model.layers.0.mlp.down_proj.weight").shape == (D, FFN)
+
+    assert set(src.names()) == {
+        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+        *(f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"),
+        *(f"model.layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+    }
+    cfg = src.hf_config()
+    assert cfg == {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D,
+        "intermediate_size": FFN,
+        "num_hidden_layers": 1, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 5e5,
+        "max_position_embeddings": 128, "vocab_size": VOCAB, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "sliding_window": 64,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0, "original_max_position_embeddings": 64},
+    }
+    cfg["hidden_size"] = 0
+    assert src.hf_config()["hidden_size"] == D  # callers get a copy
+
+
+@pytest.mark.parametrize("layout", ["stacked", "split"])
+def test_synthetic_experts(tmp_path, layout):
+    n_exp = 2
+    gate, up = _rand(n_exp, FFN, D, seed=11), _rand(n_exp, FFN, D, seed=12)
+    down = _rand(n_exp, D, FFN, seed=13)
+    router = _rand(n_exp, D, seed=14)
+    dense = _dense_model()
+    for stem in ("ffn_gate", "ffn_up", "ffn_down"):
+        del dense[f"blk.0.{stem}.weight"]
+    if layout == "stacked":  # current llama.cpp: one [E, out, in] tensor per projection, here Q8_0 for gate
+        experts = {
+            "blk.0.ffn_gate_exps.weight": (gguf.quants.quantize(gate, T.Q8_0), T.Q8_0),
+            "blk.0.ffn_up_exps.weight": up,
+            "blk.0.ffn_down_exps.weight": down,
+        }
+    else:  # files converted before the stacked layout existed
+        experts = {f"blk.0.{stem}.{e}.weight": w[e] for stem, w in
+                   (("ffn_gate", gate), ("ffn_up", up), ("ffn_down", down)) for e in range(n_exp)}
+    path = _write(
+        tmp_path / "moe.gguf",
+        dense | experts | {"blk.0.ffn_gate_inp.weight": router},
+        meta=[lambda w: w.add_expert_count(n_exp), lambda w: w.add_expert_used_count(1)],
+    )
+    src = GGUFSource(path)
+    cfg = src.hf_config()
+    assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["model_type"] == "mixtral"
+    assert cfg["num_local_experts"] == 2 and cfg["num_experts_per_tok"] == 1
+    prefix = "model.layers.0.block_sparse_moe"
+    names = set(src.names())
+    assert f"{prefix}.gate.weight" in names and not any(".mlp." in n for n in names)
+    np.testing.assert_array_equal(src.read(f"{prefix}.gate.weight"), router)
+    gate_ref = gate
+    if layout == "stacked":
+        gate_ref = gguf.quants.dequantize(gguf.quants.quantize(gate, T.Q8_0), T.Q8_0)
+    for e in range(n_exp):
+        for w, ref, shape in (("w1", gate_ref, (FFN, D)), ("w3", up, (FFN, D)), ("w2", down, (D, FFN))):
+            name = f"{prefix}.experts.{e}.{w}.weight"
+            assert name in names and src.shape(name) == shape
+            out = src.read(name)
+            assert out.dtype == np.float32 and out.shape == shape
+            np.testing.assert_array_equal(out, ref[e], err_msg=name)
+    assert f"{prefix}.experts.2.w1.weight" not in names
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_type", [T.I32, T.Q8_1])
+def test_unsupported_tensor_type(tmp_path, bad_type):
+    assert bad_type not in gguf_ckpt.SUPPORTED_TYPES
+    assert {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K} <= gguf_ckpt.SUPPORTED_TYPES
+    if bad_type == T.I32:
+        bad = np.arange(D, dtype=np.int32)  # the writer types int32 arrays as I32
+    else:
+        block, size = gguf.GGML_QUANT_SIZES[bad_type]
+        bad = (np.zeros((1, D // block * size), np.uint8), bad_type)
+    path = _write(tmp_path / "bad.gguf", _dense_model(**{"blk.0.ffn_norm.weight": bad}))
+    with pytest.raises(CheckpointError) as e:
+        GGUFSource(path)
+    msg = str(e.value)
+    for part in (str(path), "blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight",
+                 bad_type.name, "Q4_K"):
+        assert part in msg, (part, msg)
+
+
+def test_unsupported_architecture(tmp_path):
+    path = _write(tmp_path / "gpt2.gguf", {"token_embd.weight": _rand(VOCAB, D)}, arch="gpt2")
+    with pytest.raises(CheckpointError) as e:
+        GGUFSource(path).hf_config()
+    assert str(path) in str(e.value) and "gpt2" in str(e.value) and "llama" in str(e.value)
+
+
+def test_unmapped_tensor_is_refused(tmp_path):
+    # rope_freqs carries Llama-3.1 RoPE scaling; dropping it silently would change the model
+    path = _write(tmp_path / "extra.gguf", _dense_model(**{"rope_freqs.weight": _rand(HEAD_DIM // 2)}))
+    with pytest.raises(CheckpointError, match=r"rope_freqs\.weight"):
+        GGUFSource(path)
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(CheckpointError) as e:
+        GGUFSource(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_gguf_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # makes `import gguf` fail
+    with pytest.raises(ImportError, match="pip install gguf"):
+        GGUFSource(tmp_path / "any.gguf")
