@@ -52,3 +52,12 @@ def mistral_tokenizer_model() -> pathlib.Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("needs `pip install --no-deps mistral-common` (official Mistral tokenizer); `make test` does it")
     return _require(pathlib.Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """The PyTorch reference: transformers' own float32 load of the SmolLM2 GGUF."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()

@@ -24,21 +24,9 @@ def smollm2_source(smollm2_gguf) -> GGUFSource:
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2(smollm2_gguf, smollm2_source):
-    """transformers' own dequantization of the same file: {name: float32 array}.
-
-    Passing our config skips transformers' separate metadata pass (~7 s of GGUF header parsing); its tensor
-    pass re-reads the metadata itself, so names, dequantization and the q/k un-permutation stay independent
-    of ours, and a shape our config got wrong would show up as a mismatch in the comparison."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent),
-        gguf_file=smollm2_gguf.name,
-        config=transformers.AutoConfig.for_model(**smollm2_source.hf_config()),
-        dtype=torch.float32,
-    )
-    return {k: v.numpy() for k, v in model.state_dict().items()}
+def hf_smollm2(smollm2_transformers):
+    """transformers' own dequantization of the same file: {name: float32 array}."""
+    return {k: v.numpy() for k, v in smollm2_transformers.state_dict().items()}
 
 
 def test_smollm2_config(smollm2_source):

@@ -130,7 +130,7 @@ class ModelConfig:
             "sliding_window", "num_local_experts", "num_experts_per_tok", "bos_token_id", "eos_token_id",
             "pad_token_id", "model_type", "hidden_act", "attention_bias", "mlp_bias", "transformers_version",
         }
-        return cls(
+        fields = dict(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
@@ -152,6 +152,10 @@ class ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
             extra=tuple(sorted((k, v) for k, v in hf.items() if k not in known and _jsonable(v))),
         )
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict that transformers loads as the same model."""
