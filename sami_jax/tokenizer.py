@@ -13,13 +13,14 @@ is parsed here, which takes milliseconds where `gguf.GGUFReader` takes seconds o
 from __future__ import annotations
 
 import json
-import mmap
 import pathlib
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from sami_jax.checkpoints.gguf import is_gguf, read_gguf_metadata
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _CONFIG_FILE = "tokenizer_config.json"
@@ -300,7 +301,7 @@ def load_tokenizer(path, config: dict | None = None) -> Tokenizer:
     else:
         raise FileNotFoundError(f"{path}: no such file or folder")
 
-    if _is_gguf(file):
+    if is_gguf(file):
         return _tokenizer_from_gguf(file, config)
 
     meta = _read_hf_metadata(folder) if folder is not None else {}
@@ -410,81 +411,6 @@ def _resolve_specials(meta: dict[str, Any], token_to_id, native: dict[str, Any])
 
 
 # ----------------------------------------------------------------------------------------------- GGUF
-_GGUF_MAGIC = b"GGUF"
-# GGUF value type -> struct code (7 is bool, 8 string, 9 array)
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _is_gguf(path: pathlib.Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == _GGUF_MAGIC
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e})") from e
-
-
-def _read_gguf_metadata(path) -> dict[str, Any]:
-    """The key/value header of a GGUF file (v2/v3, either byte order) as a dict of Python values; the
-    tensor data is never touched. Arrays of numbers come back as lists, strings as str."""
-    path = pathlib.Path(path)
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse_gguf_kv(buf, path)
-    except (OSError, ValueError, struct.error, UnicodeDecodeError, IndexError) as e:
-        if isinstance(e, ValueError) and str(path) in str(e):
-            raise
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
-
-
-def _parse_gguf_kv(buf, path: pathlib.Path) -> dict[str, Any]:
-    if buf[:4] != _GGUF_MAGIC:
-        raise ValueError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
-    # The version is small, so whichever byte order reads it as 2 or 3 is the file's.
-    order = "<" if struct.unpack_from("<I", buf, 4)[0] in (2, 3) else ">"
-    version = struct.unpack_from(order + "I", buf, 4)[0]
-    if version not in (2, 3):
-        raise ValueError(f"{path}: unsupported GGUF version {version} (2 and 3 are supported)")
-    _, n_kv = struct.unpack_from(order + "QQ", buf, 8)
-    pos = 24
-
-    def read_string(pos):
-        (n,) = struct.unpack_from(order + "Q", buf, pos)
-        end = pos + 8 + n
-        if end > len(buf):
-            raise ValueError(f"{path}: truncated GGUF header")
-        return bytes(buf[pos + 8:end]).decode("utf-8"), end
-
-    def read_value(vtype, pos):
-        if vtype == _GGUF_STRING:
-            return read_string(pos)
-        if vtype in _GGUF_SCALARS:
-            code = order + _GGUF_SCALARS[vtype]
-            return struct.unpack_from(code, buf, pos)[0], pos + struct.calcsize(code)
-        if vtype == _GGUF_ARRAY:
-            etype, count = struct.unpack_from(order + "IQ", buf, pos)
-            pos += 12
-            if etype in _GGUF_SCALARS and etype != 7:
-                dtype = np.dtype(_GGUF_SCALARS[etype]).newbyteorder(order)
-                end = pos + count * dtype.itemsize
-                if end > len(buf):
-                    raise ValueError(f"{path}: truncated GGUF header")
-                return np.frombuffer(buf, dtype, count, pos).tolist(), end
-            items = []
-            for _ in range(count):
-                item, pos = read_value(etype, pos)
-                items.append(item)
-            return items, pos
-        raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, pos = read_string(pos)
-        (vtype,) = struct.unpack_from(order + "I", buf, pos)
-        meta[key], pos = read_value(vtype, pos + 4)
-    return meta
-
-
 # Pre-tokenizer regexes for GGUF `tokenizer.ggml.pre` values whose split differs from GPT-2's; BPE merges
 # only reproduce the original ids when the text is split the way they were learned. Others: GPT-2 split.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -512,7 +438,7 @@ def _tokenizer_from_gguf(path, config: dict | None = None) -> Tokenizer:
     """tokenizer_from_gguf; an HF config.json dict `config` adds its eos ids and overrides bos/pad."""
     path = pathlib.Path(path)
     config = config or {}
-    meta = _read_gguf_metadata(path)
+    meta = read_gguf_metadata(path)
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:

@@ -18,7 +18,8 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the checkout (as CI lays it out), or wherever SAMI_JAX_SHARED points.
+SHARED = pathlib.Path(os.environ.get("SAMI_JAX_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
 HH_TEST = SHARED / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 

@@ -184,9 +184,9 @@ def test_llama_gguf_is_sentencepiece(mistral_sp, texts, tmp_path):
 
 def test_llama3_pre_tokenizer_gguf_matches_transformers(smol, transformers, texts, tmp_path):
     # A byte-level GGUF whose tokenizer.ggml.pre asks for Llama-3's split (here over SmolLM2's merges).
-    from sami_jax.tokenizer import _read_gguf_metadata
+    from sami_jax.checkpoints.gguf import read_gguf_metadata
 
-    meta = _read_gguf_metadata(smol.source)
+    meta = read_gguf_metadata(smol.source)
     path = _write_gguf(tmp_path / "llama3.gguf", "gpt2", meta["tokenizer.ggml.tokens"],
                        meta["tokenizer.ggml.token_type"], token_merges=meta["tokenizer.ggml.merges"],
                        tokenizer_pre="llama-bpe", bos_token_id=1, eos_token_id=2, add_bos_token=True)
@@ -207,7 +207,7 @@ def test_llama3_pre_tokenizer_gguf_matches_transformers(smol, transformers, text
 def test_gguf_metadata_reader_matches_gguf_reader(endian, tmp_path):
     # Our header parser against gguf-py's own reader, on every value type and both byte orders.
     gguf = pytest.importorskip("gguf")
-    from sami_jax.tokenizer import _read_gguf_metadata
+    from sami_jax.checkpoints.gguf import read_gguf_metadata
 
     path = tmp_path / "kv.gguf"
     w = gguf.GGUFWriter(str(path), arch="llama", endianess=getattr(gguf.GGUFEndian, endian))
@@ -230,7 +230,7 @@ def test_gguf_metadata_reader_matches_gguf_reader(endian, tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    ours = _read_gguf_metadata(path)
+    ours = read_gguf_metadata(path)
     # GGUFReader also lists the header as GGUF.* pseudo-keys
     theirs = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
     assert ours == theirs

@@ -9,9 +9,14 @@ llama.cpp's RoPE). Tensors are dequantized one at a time with `gguf.quants`, nev
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import math
+import mmap
 import os
+import pathlib
 import re
+import struct
 from typing import Any
 
 import numpy as np
@@ -77,26 +82,108 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@functools.cache
-def _reader_class():
-    """gguf.GGUFReader parsing a plain-ndarray view of its memmap.
+# GGUF value type -> struct code (7 is bool, 8 string, 9 array)
+_GGUF_MAGIC = b"GGUF"
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
-    Header parsing slices the map once per string (~300k times for a 50k-token vocabulary), and np.memmap's
-    python-level __getitem__/__array_finalize__ make that ~3x slower (SmolLM2: 6.3 s -> 2.3 s). The view
-    shares the mapping, so tensors are still read lazily from the file.
-    """
-    gguf = _gguf()
 
-    class _Reader(gguf.GGUFReader):
-        @property
-        def data(self):
-            return self._plain_data
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: shape in numpy order (GGUF's dims reversed), GGML type id, and
+    the absolute byte offset of its data."""
 
-        @data.setter
-        def data(self, value):
-            self._plain_data = value.view(np.ndarray)
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
 
-    return _Reader
+
+def is_gguf(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == _GGUF_MAGIC
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e})") from e
+
+
+def read_gguf_metadata(path) -> dict[str, Any]:
+    """The key/value header of a GGUF file (v2/v3, either byte order) as Python values (arrays as
+    lists, strings as str); tensor data is never touched."""
+    return read_gguf_header(path, with_tensors=False)[0]
+
+
+def read_gguf_header(path, with_tensors: bool = True) -> tuple[dict[str, Any], list[TensorInfo], str]:
+    """(metadata, tensor infos, byte order "<" or ">") of a GGUF file. Our own parser: it needs no
+    `gguf` package and reads a 50k-token vocabulary in a fraction of a second."""
+    path = pathlib.Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse_header(buf, path, with_tensors)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError, IndexError) as e:
+        if isinstance(e, ValueError) and str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+
+
+def _parse_header(buf, path: pathlib.Path, with_tensors: bool):
+    if buf[:4] != _GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
+    # The version is small, so whichever byte order reads it as 2 or 3 is the file's.
+    order = "<" if struct.unpack_from("<I", buf, 4)[0] in (2, 3) else ">"
+    version = struct.unpack_from(order + "I", buf, 4)[0]
+    if version not in (2, 3):
+        raise ValueError(f"{path}: unsupported GGUF version {version} (2 and 3 are supported)")
+    n_tensors, n_kv = struct.unpack_from(order + "QQ", buf, 8)
+    pos = 24
+
+    def read_string(pos):
+        (n,) = struct.unpack_from(order + "Q", buf, pos)
+        end = pos + 8 + n
+        if end > len(buf):
+            raise ValueError(f"{path}: truncated GGUF header")
+        return bytes(buf[pos + 8:end]).decode("utf-8"), end
+
+    def read_value(vtype, pos):
+        if vtype == _STRING:
+            return read_string(pos)
+        if vtype in _SCALARS:
+            code = order + _SCALARS[vtype]
+            return struct.unpack_from(code, buf, pos)[0], pos + struct.calcsize(code)
+        if vtype == _ARRAY:
+            etype, count = struct.unpack_from(order + "IQ", buf, pos)
+            pos += 12
+            if etype in _SCALARS and etype != 7:
+                dtype = np.dtype(_SCALARS[etype]).newbyteorder(order)
+                end = pos + count * dtype.itemsize
+                if end > len(buf):
+                    raise ValueError(f"{path}: truncated GGUF header")
+                return np.frombuffer(buf, dtype, count, pos).tolist(), end
+            items = []
+            for _ in range(count):
+                item, pos = read_value(etype, pos)
+                items.append(item)
+            return items, pos
+        raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key, pos = read_string(pos)
+        (vtype,) = struct.unpack_from(order + "I", buf, pos)
+        meta[key], pos = read_value(vtype, pos + 4)
+    if not with_tensors:
+        return meta, [], order
+    raw = []
+    for _ in range(n_tensors):
+        name, pos = read_string(pos)
+        (n_dims,) = struct.unpack_from(order + "I", buf, pos)
+        dims = struct.unpack_from(order + "Q" * n_dims, buf, pos + 4)
+        ggml_type, offset = struct.unpack_from(order + "IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        raw.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
+    align = int(meta.get("general.alignment", 32))
+    data_start = pos + (-pos % align)
+    return meta, [TensorInfo(n, s, t, data_start + o) for n, s, t, o in raw], order
 
 
 def _as_decimal(x: float) -> float:
@@ -130,13 +217,10 @@ class GGUFSource:
         gguf = _gguf()
         self.path = str(path)
         try:
-            try:
-                self._reader = _reader_class()(self.path)
-            except AttributeError:  # a gguf release that no longer keeps its map in `.data`
-                self._reader = gguf.GGUFReader(self.path)
-        except (ValueError, KeyError) as e:  # bad magic/version, unknown tensor type, duplicate names
-            raise CheckpointError(f"{self.path}: not a readable GGUF file: {e}") from e
-        if self._reader.byte_order != "I":
+            self._meta, infos, order = read_gguf_header(self.path)
+        except ValueError as e:  # bad magic/version, truncated header
+            raise CheckpointError(str(e)) from e
+        if order != "<":
             # gguf.quants decodes host-order blocks only; big-endian GGUF files are practically nonexistent
             raise CheckpointError(f"{self.path}: byte-swapped (big-endian) GGUF files are not supported")
         arch = self.metadata("general.architecture")
@@ -146,7 +230,15 @@ class GGUFSource:
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
         self._arch = arch
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._tensors = {t.name: t for t in infos}
+        self._types = {}
+        for t in infos:
+            try:
+                self._types[t.name] = gguf.GGMLQuantizationType(t.ggml_type)
+            except ValueError:
+                raise CheckpointError(
+                    f"{self.path}: tensor {t.name!r} has unknown GGML type id {t.ggml_type}") from None
+        self._file = np.memmap(self.path, np.uint8, mode="r")  # tensors are read lazily, one at a time
         self._entries = self._map_names()
         self._validate_types()
         self._config = self._build_config()
@@ -160,21 +252,18 @@ class GGUFSource:
 
     def metadata(self, key: str, default: Any = None) -> Any:
         """A metadata value as python (str, int, float, bool or list of those); `default` if absent."""
-        field = self._reader.get_field(key)
-        return default if field is None else field.contents()
+        return self._meta.get(key, default)
 
     def _arch_meta(self, key: str, default: Any = ...) -> Any:
-        """`{arch}.key`, float32 values as their shortest decimal; missing without a default is an error."""
+        """`{arch}.key`, floats as their shortest float32 decimal; missing without a default is an error."""
         full = f"{self._arch}.{key}"
-        field = self._reader.get_field(full)
-        if field is None:
+        if full not in self._meta:
             if default is ...:
                 raise CheckpointError(f"{self.path}: GGUF metadata {full!r} is missing")
             return default
-        value = field.contents()
-        if field.types == [_gguf().GGUFValueType.FLOAT32]:
-            value = _as_decimal(value)
-        return value
+        value = self._meta[full]
+        # llama.cpp writes these floats as float32 (eps 1e-5 is stored as 9.99999974e-06).
+        return _as_decimal(value) if isinstance(value, float) else value
 
     def hf_config(self) -> dict:
         """An HF config.json dict (LlamaForCausalLM, or MixtralForCausalLM when the file has experts)."""
@@ -197,8 +286,7 @@ class GGUFSource:
             "rms_norm_eps": float(self._arch_meta("attention.layer_norm_rms_epsilon")),
             "rope_theta": float(self._arch_meta("rope.freq_base", 10000.0)),
             "max_position_embeddings": int(self._arch_meta("context_length")),
-            # GGUF shape is reversed: ne[1] of token_embd is the number of rows
-            "vocab_size": int(self._tensors["token_embd.weight"].shape[-1]),
+            "vocab_size": int(self._tensors["token_embd.weight"].shape[0]),
             "tie_word_embeddings": "output.weight" not in self._tensors,
         }
         for hf_key, gguf_key in (
@@ -233,12 +321,12 @@ class GGUFSource:
     def _map_names(self) -> dict[str, _Entry]:
         entries: dict[str, _Entry] = {}
         unknown = []
-        for t in self._reader.tensors:
+        for t in self._tensors.values():
             stem = t.name.removesuffix(".weight")
             if stem in _GLOBAL_NAMES and t.name.endswith(".weight"):
                 entries[f"{_GLOBAL_NAMES[stem]}.weight"] = _Entry(t)
             elif m := _STACKED_EXPERTS_RE.fullmatch(t.name):
-                n_experts = int(t.shape[-1])  # numpy layout [E, out, in]
+                n_experts = t.shape[0]  # [E, out, in]
                 for e in range(n_experts):
                     hf = f"model.layers.{m[1]}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[m[2]]}.weight"
                     entries[hf] = _Entry(t, expert=e)
@@ -265,13 +353,13 @@ class GGUFSource:
         hf_names: dict[str, list[str]] = {}
         for hf, entry in self._entries.items():
             hf_names.setdefault(entry.tensor.name, []).append(hf)
-        for t in self._reader.tensors:
-            if t.tensor_type not in supported:
+        for t in self._tensors.values():
+            if self._types[t.name] not in supported:
                 hf = hf_names[t.name]
                 hf_desc = hf[0] if len(hf) == 1 else f"{hf[0]} .. {hf[-1]}"
                 ok = ", ".join(sorted(q.name for q in supported))
                 raise CheckpointError(
-                    f"{self.path}: tensor {t.name!r} (HF {hf_desc}) has GGML type {t.tensor_type.name}, "
+                    f"{self.path}: tensor {t.name!r} (HF {hf_desc}) has GGML type {self._types[t.name].name}, "
                     f"which cannot be dequantized; supported types: {ok}"
                 )
 
@@ -288,26 +376,31 @@ class GGUFSource:
     def shape(self, name: str) -> tuple[int, ...]:
         """HF-layout shape of `name`, from the header only."""
         entry = self._entry(name)
-        shape = tuple(int(d) for d in reversed(entry.tensor.shape.tolist()))
-        return shape if entry.expert is None else shape[1:]
+        return entry.tensor.shape if entry.expert is None else entry.tensor.shape[1:]
 
     def read(self, name: str) -> np.ndarray:
         """One tensor in HF layout: float32 for quantized types, else the stored float16/bfloat16/float32."""
+        gguf = _gguf()
         entry = self._entry(name)
-        t = entry.tensor
-        data = t.data if entry.expert is None else t.data[entry.expert]  # slice before dequantizing
-        T = _gguf().GGMLQuantizationType
-        if t.tensor_type == T.F32:
-            w = np.array(data, dtype=np.float32)  # copy: never hand out views of the read-only memmap
-        elif t.tensor_type == T.F16:
-            w = np.array(data, dtype=np.float16)
-        elif t.tensor_type == T.BF16:
+        t, qtype = entry.tensor, self._types[entry.tensor.name]
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        row_bytes = t.shape[-1] // block * type_size
+        nbytes = math.prod(t.shape[:-1]) * row_bytes
+        if t.offset + nbytes > self._file.size:
+            raise CheckpointError(f"{self.path}: tensor {t.name!r} lies past the end of the file (truncated?)")
+        rows = self._file[t.offset:t.offset + nbytes].reshape(*t.shape[:-1], row_bytes)
+        if entry.expert is not None:
+            rows = rows[entry.expert]  # slice before dequantizing
+        T = gguf.GGMLQuantizationType
+        plain = {T.F32: np.float32, T.F16: np.float16}
+        if qtype in plain:
+            w = np.array(rows).view(plain[qtype])  # copy: never hand out views of the read-only map
+        elif qtype == T.BF16:
             import ml_dtypes
 
-            # the reader exposes BF16 as raw bytes: copy them out and reinterpret (no widening to float32)
-            w = np.array(data, dtype=np.uint8).view(ml_dtypes.bfloat16)
+            w = np.array(rows).view(ml_dtypes.bfloat16)
         else:
-            w = _gguf().quants.dequantize(data, t.tensor_type)
+            w = gguf.quants.dequantize(rows, qtype)
         w = w.reshape(self.shape(name))
         if entry.unpermute_heads is not None:
             w = _unpermute_rows(w, entry.unpermute_heads)
