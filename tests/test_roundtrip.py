@@ -81,3 +81,18 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_convert_cli_hf_to_orbax_and_back(tmp_path):
+    from sami_jax.convert import main
+
+    hf = tiny.hf_model("mistral_window")
+    src = tiny.save(hf, tmp_path / "src")
+    assert main([f"--src={src}", f"--dst={tmp_path / 'orbax'}", "--format=orbax"]) == 0
+    assert main([f"--src={tmp_path / 'orbax'}", f"--dst={tmp_path / 'hf'}", "--format=hf", "--dtype=bfloat16"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert back.dtype == torch.bfloat16
+    for name, a in _tensors(src).items():
+        assert torch.equal(a.to(torch.bfloat16), _tensors(tmp_path / "hf")[name]), name
+    with pytest.raises(SystemExit):  # refuses to write over a model
+        main([f"--src={src}", f"--dst={tmp_path / 'hf'}", "--format=hf"])
