@@ -6,8 +6,7 @@ with `lax.scan` (one compiled layer whatever the depth) under a configurable rem
 
 from __future__ import annotations
 
-import functools
-
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -36,7 +35,9 @@ def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, cos, sin, mask_bts):
+def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, cos, sin, attend):
+    """One decoder layer. `attend(q, k, v) -> (out [b, t, h, d], aux)` does the attention proper, so the
+    same layer serves the full-sequence pass and the KV-cache pass; returns (x, aux)."""
     c = config
     h = rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", h, p["self_attn"]["q_proj"])
@@ -47,7 +48,7 @@ def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, co
         k = sharder.constrain(k, ("batch", None, "kv_heads", None))
         v = sharder.constrain(v, ("batch", None, "kv_heads", None))
     q, k = attention.apply_rope(q, cos, sin), attention.apply_rope(k, cos, sin)
-    a = attention.gqa_attention(q, k, v, mask_bts)
+    a, aux = attend(q, k, v)
     x = x + jnp.einsum("bthk,hkd->btd", a, p["self_attn"]["o_proj"])
     h = rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)
     if c.is_moe:
@@ -62,7 +63,21 @@ def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, co
     x = x + y
     if sharder is not None:
         x = sharder.constrain(x, ("batch", None, None))
-    return x
+    return x, aux
+
+
+def _logits(params, x, config: ModelConfig, sharder: Sharder | None) -> jax.Array:
+    x = rms_norm(x, params["norm"], config.rms_norm_eps)
+    head_dv = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+    logits = jnp.einsum("btd,dv->btv", x, head_dv, preferred_element_type=jnp.float32)
+    if sharder is not None:
+        logits = sharder.constrain(logits, ("batch", None, "vocab"))
+    return logits
+
+
+def _embed(params, tokens_bt, sharder: Sharder | None) -> jax.Array:
+    x = jnp.take(params["embed_tokens"], tokens_bt, axis=0)
+    return sharder.constrain(x, ("batch", None, None)) if sharder is not None else x
 
 
 def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.Array | None = None,
@@ -83,23 +98,73 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
     idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask_bts = attention.attention_mask(idx_bt, idx_bt, mask_bt, config.sliding_window)
 
-    x = jnp.take(params["embed_tokens"], tokens_bt, axis=0)
-    if sharder is not None:
-        x = sharder.constrain(x, ("batch", None, None))
+    x = _embed(params, tokens_bt, sharder)
 
-    body = functools.partial(_layer, config, moe_impl, sharder)
+    def body(x, p):
+        return _layer(config, moe_impl, sharder, x, p, cos, sin,
+                      lambda q, k, v: (attention.gqa_attention(q, k, v, mask_bts), None))[0]
+
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
-    def step(x, p):
-        return body(x, p, cos, sin, mask_bts), None
+    x, _ = jax.lax.scan(lambda x, p: (body(x, p), None), x, params["layers"])
+    return _logits(params, x, config, sharder)
 
-    x, _ = jax.lax.scan(step, x, params["layers"])
-    x = rms_norm(x, params["norm"], config.rms_norm_eps)
-    head_dv = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", x, head_dv, preferred_element_type=jnp.float32)
-    if sharder is not None:
-        logits = sharder.constrain(logits, ("batch", None, "vocab"))
-    return logits
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values at KV-head width for every layer, [layers, b, s, kv_heads, d], and which slots
+    hold a real token ([b, s]). Slots are shared by all rows: prompts are left-padded to a common
+    length, so slot index differences equal position differences within a row."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, length: int, dtype, sharder: Sharder | None = None) -> KVCache:
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        if sharder is not None:
+            axes = (None, "batch", None, "kv_heads", None)
+            k, v = sharder.constrain(k, axes), sharder.constrain(v, axes)
+        return cls(k=k, v=v, valid=jnp.zeros((batch, length), bool))
+
+
+def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVCache, start: jax.Array, *,
+                   positions_bt: jax.Array, mask_bt: jax.Array, moe_impl: str = "dropless",
+                   sharder: Sharder | None = None) -> tuple[jax.Array, KVCache]:
+    """Runs tokens [b, t] that occupy cache slots [start, start + t): writes their keys and values, attends
+    over every valid slot up to each token (and inside the sliding window), returns float32 logits
+    [b, t, v] and the updated cache. Prefill is t = prompt length at start 0; decoding is t = 1.
+
+    mask_bt marks which of the new tokens are real (padding is never attended); positions_bt are their
+    RoPE positions. The cache is a scan carry updated in place, so donating it avoids any copy.
+    """
+    b, t = tokens_bt.shape
+    length = cache.valid.shape[1]
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt.astype(bool), (0, start))
+    cos, sin = attention.rope_cos_sin(positions_bt, attention.rope_inv_freq(config))
+    q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    mask_bts = attention.attention_mask(q_idx, kv_idx, valid, config.sliding_window)
+
+    def step(carry, xs):
+        x, kc, vc = carry
+        p, layer = xs
+
+        def attend(q, k, v):
+            new_k = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, start, 0, 0))
+            new_v = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, start, 0, 0))
+            out = attention.gqa_attention(q, new_k[layer], new_v[layer], mask_bts)
+            return out, (new_k, new_v)
+
+        x, (kc, vc) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
+        return (x, kc, vc), None
+
+    layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(step, (_embed(params, tokens_bt, sharder), cache.k, cache.v),
+                                (params["layers"], layers))
+    return _logits(params, x, config, sharder), KVCache(k=k, v=v, valid=valid)

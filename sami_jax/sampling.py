@@ -1,0 +1,299 @@
+"""Batched generation with a KV cache: one jitted prefill, then jitted chunks of `lax.scan` decode steps.
+
+Prompts are left-padded to a length bucket, so a run compiles once per (bucket, batch) rather than once
+per batch; every row shares the cache slots, and RoPE positions are counted per row over real tokens.
+Between chunks the host looks for stop strings (text-level, so they cannot be matched on device) and
+stops as soon as every row is done; the cache and the rest of the state are donated to each chunk.
+
+Sampling follows HF's order: temperature, then top-k, then top-p (HF's TopKLogitsWarper and
+TopPLogitsWarper kept sets exactly); temperature 0 is greedy. Per-token log-probs, on request, are under
+the model's own distribution (temperature 1, no truncation), which is what SAMI scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sami_jax.models.config import ModelConfig
+from sami_jax.models.transformer import KVCache, forward_cached, positions_from_mask
+from sami_jax.sharding import Sharder
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclasses.dataclass
+class Generation:
+    """One row's result. token_ids exclude the EOS and anything after a stop string's last token;
+    text is cut before the stop string. finish_reason: "eos", "stop" or "length"."""
+
+    prompt: str | None
+    text: str
+    token_ids: list[int]
+    length: int
+    finish_reason: str
+    logprobs: list[float] | None = None
+    prompt_tokens_dropped: int = 0  # left-truncated prompt tokens (truncate=True only)
+
+
+def process_logits(logits_bv: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Tempered logits with the tokens outside top-k / top-p set to -inf (HF's warpers, same order)."""
+    x = logits_bv.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][..., -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if top_p < 1.0:
+        order = jnp.argsort(x, axis=-1)  # ascending, as HF
+        sorted_x = jnp.take_along_axis(x, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
+        remove_sorted = (cum <= 1 - top_p).at[..., -1].set(False)  # always keep the most likely token
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
+        x = jnp.where(remove, -jnp.inf, x)
+    return x
+
+
+def pick_tokens(key: jax.Array, logits_bv: jax.Array, sp: SamplingParams) -> jax.Array:
+    if sp.temperature == 0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, process_logits(logits_bv, sp.temperature, sp.top_k, sp.top_p)).astype(
+        jnp.int32)
+
+
+@flax.struct.dataclass
+class _State:
+    cache: KVCache
+    out: jax.Array  # [b, n] generated tokens
+    logprobs: jax.Array  # [b, n] (zeros unless requested)
+    done: jax.Array  # [b] bool
+    pos: jax.Array  # [b] next RoPE position
+    step: jax.Array  # () tokens generated so far
+    key: jax.Array
+
+
+class Sampler:
+    """Generates from a model (anything with .params, .config, .tokenizer and optionally .sharder).
+
+        sampler = Sampler(model)
+        results = sampler.generate(["Human: hi\\n\\nAssistant:"], SamplingParams(max_new_tokens=64))
+
+    Compile time is kept apart from run time in `self.stats` (seconds, tokens).
+    """
+
+    def __init__(self, model, buckets: Sequence[int] = DEFAULT_BUCKETS, chunk: int = 16):
+        self.params = model.params
+        self.config: ModelConfig = model.config
+        self.tokenizer = model.tokenizer
+        self.sharder: Sharder | None = getattr(model, "sharder", None)
+        self.buckets = tuple(sorted(buckets))
+        self.chunk = chunk
+        self._compiled: dict = {}
+        self.stats = {"compile_s": 0.0, "run_s": 0.0, "new_tokens": 0, "compiles": 0}
+
+    # ------------------------------------------------------------------------------------------ compile
+    def _fn(self, key: tuple, make: Callable, *args):
+        """The executable for `key` (settings and shapes), lowered and compiled once and timed apart."""
+        if key not in self._compiled:
+            start = time.perf_counter()
+            self._compiled[key] = make().lower(*args).compile()
+            self.stats["compile_s"] += time.perf_counter() - start
+            self.stats["compiles"] += 1
+        return self._compiled[key]
+
+    def _prefill_fn(self, sp: SamplingParams, total_len: int):
+        config, sharder = self.config, self.sharder
+
+        def prefill(params, tokens, mask, key):
+            b, p = tokens.shape
+            cache = KVCache.create(config, b, total_len, params["embed_tokens"].dtype, sharder)
+            positions = positions_from_mask(mask)
+            logits, cache = forward_cached(params, tokens, config, cache, jnp.int32(0), positions_bt=positions,
+                                           mask_bt=mask, sharder=sharder)
+            key, sub = jax.random.split(key)
+            last = logits[:, -1]
+            tok = pick_tokens(sub, last, sp)
+            n = total_len - p + 1
+            out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok)
+            lp = jnp.zeros((b, n), jnp.float32)
+            if sp.logprobs:
+                lp = lp.at[:, 0].set(jnp.take_along_axis(jax.nn.log_softmax(last), tok[:, None], -1)[:, 0])
+            done = ~mask.any(axis=1)  # padding rows of a short batch are done from the start
+            return _State(cache=cache, out=out, logprobs=lp, done=done, pos=positions[:, -1] + 1,
+                          step=jnp.int32(1), key=key)
+
+        return jax.jit(prefill)
+
+    def _chunk_fn(self, sp: SamplingParams, prompt_len: int, eos: tuple[int, ...]):
+        config, sharder, chunk = self.config, self.sharder, self.chunk
+        eos_arr = np.asarray(eos, np.int32)
+
+        def last_tokens(state: _State) -> jax.Array:  # [b, 1]: the newest token of each row
+            return jax.lax.dynamic_slice_in_dim(state.out, state.step - 1, 1, axis=1)
+
+        def run(params, state):
+            def one(state: _State, _):
+                prev = last_tokens(state)
+                logits, cache = forward_cached(
+                    params, prev, config, state.cache, prompt_len + state.step - 1, positions_bt=state.pos[:, None],
+                    mask_bt=jnp.ones_like(prev, bool), sharder=sharder)
+                key, sub = jax.random.split(state.key)
+                tok = pick_tokens(sub, logits[:, 0], sp)
+                # A row that is done writes zeros (never read: outputs are cut at the EOS / stop).
+                done = state.done | jnp.isin(prev[:, 0], eos_arr)
+                out = jax.lax.dynamic_update_slice(state.out, jnp.where(done, 0, tok)[:, None], (0, state.step))
+                lp = state.logprobs
+                if sp.logprobs:
+                    new_lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0]), tok[:, None], -1)
+                    lp = jax.lax.dynamic_update_slice(lp, new_lp, (0, state.step))
+                return _State(cache=cache, out=out, logprobs=lp, done=done, pos=state.pos + 1,
+                              step=state.step + 1, key=key), None
+
+            state, _ = jax.lax.scan(one, state, None, length=chunk)
+            # Rows whose newest token is an EOS are done too, so the host can stop as soon as all are.
+            return state.replace(done=state.done | jnp.isin(last_tokens(state)[:, 0], eos_arr))
+
+        return jax.jit(run, donate_argnums=1)
+
+    # ------------------------------------------------------------------------------------------ generate
+    def encode_prompts(self, prompts, truncate: bool = False, add_bos: bool | None = None):
+        """Token ids per prompt (strings are encoded; lists of ids pass through), checked for length."""
+        tok = self.tokenizer
+        add_bos = tok.add_bos_default if add_bos is None and tok is not None else bool(add_bos)
+        rows, dropped = [], []
+        limit = min(self.config.max_position_embeddings, self.buckets[-1])
+        for i, p in enumerate(prompts):
+            ids = list(p) if not isinstance(p, str) else tok.encode(p, add_bos=add_bos)
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            cut = 0
+            if len(ids) > limit:
+                if not truncate:
+                    raise ValueError(f"prompt {i} has {len(ids)} tokens, more than the maximum {limit} "
+                                     "(pass truncate=True to keep its last tokens)")
+                cut = len(ids) - limit
+                ids = ids[cut:]
+            rows.append(ids)
+            dropped.append(cut)
+        return rows, dropped
+
+    def generate(self, prompts, sp: SamplingParams | None = None, batch_size: int | None = None,
+                 truncate: bool = False, eos_ids: Sequence[int] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """Generations for `prompts` (strings or token-id lists), in input order, batch_size at a time."""
+        sp = sp or SamplingParams()
+        rows, dropped = self.encode_prompts(prompts, truncate)
+        if eos_ids is None:
+            eos_ids = self.tokenizer.eos_ids if self.tokenizer is not None else self.config.eos_token_ids
+        eos = tuple(int(e) for e in eos_ids)
+        batch_size = batch_size or len(rows)
+        results: list[Generation] = []
+        key = jax.random.key(sp.seed)
+        for lo in range(0, len(rows), batch_size):
+            key, sub = jax.random.split(key)
+            batch = rows[lo:lo + batch_size]
+            results += self._generate_batch(batch, batch_size, sp, eos, sub)
+            if progress is not None:
+                progress(len(batch))
+        for r, p, d in zip(results, prompts, dropped, strict=True):
+            r.prompt = p if isinstance(p, str) else None
+            r.prompt_tokens_dropped = d
+        return results
+
+    def _bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"prompt of {n} tokens is longer than the largest bucket {self.buckets[-1]}")
+
+    def _generate_batch(self, rows, batch_size: int, sp: SamplingParams, eos, key) -> list[Generation]:
+        p = self._bucket(max(len(r) for r in rows))
+        n_steps = -(-(sp.max_new_tokens - 1) // self.chunk) * self.chunk  # decode steps, a whole number of chunks
+        total = p + n_steps
+        tokens = np.zeros((batch_size, p), np.int32)
+        mask = np.zeros((batch_size, p), bool)
+        for i, r in enumerate(rows):
+            tokens[i, p - len(r):], mask[i, p - len(r):] = r, True
+        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+        # Seed and stop strings do not change the compiled program.
+        shape_key = (dataclasses.replace(sp, seed=0, stop=()), eos, batch_size, p, total)
+        prefill = self._fn(("prefill", *shape_key), functools.partial(self._prefill_fn, sp, total),
+                           self.params, tokens, mask, key)
+        start = time.perf_counter()
+        state = prefill(self.params, tokens, mask, key)
+        chunk_fn = None
+        stop_hit: dict[int, bool] = {}
+        while True:
+            step = int(state.step)
+            done = np.asarray(state.done)
+            if sp.stop and step > 1:
+                out = np.asarray(state.out[:, :step])
+                for i in range(len(rows)):
+                    if not done[i] and self._stop_index(out[i], sp.stop) is not None:
+                        stop_hit[i] = True
+                        done[i] = True
+                state = state.replace(done=jnp.asarray(done))
+            if step >= sp.max_new_tokens or done[: len(rows)].all():
+                break
+            if chunk_fn is None:
+                chunk_fn = self._fn(("chunk", *shape_key), functools.partial(self._chunk_fn, sp, p, eos),
+                                    self.params, state)
+            state = chunk_fn(self.params, state)
+        out = np.asarray(state.out)
+        lps = np.asarray(state.logprobs) if sp.logprobs else None
+        self.stats["run_s"] += time.perf_counter() - start
+        results = [self._finish(out[i, : min(step, sp.max_new_tokens)], lps, i, sp, eos) for i in range(len(rows))]
+        self.stats["new_tokens"] += sum(r.length for r in results)
+        return results
+
+    def _stop_index(self, ids, stops) -> int | None:
+        text = self.tokenizer.decode(ids)
+        hits = [text.find(s) for s in stops if s in text]
+        return min(hits) if hits else None
+
+    def _finish(self, ids: np.ndarray, lps, i: int, sp: SamplingParams, eos) -> Generation:
+        ids = ids.tolist()
+        reason = "length"
+        for j, t in enumerate(ids):
+            if t in eos:
+                ids, reason = ids[:j], "eos"
+                break
+        text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+        if sp.stop and self.tokenizer is not None:
+            cut = self._stop_index(ids, sp.stop)
+            if cut is not None:
+                # Keep the tokens up to the one that completes the stop string; the text ends before it.
+                k = next(k for k in range(1, len(ids) + 1) if self._stop_index(ids[:k], sp.stop) is not None)
+                ids, text, reason = ids[:k], text[:cut], "stop"
+        return Generation(prompt=None, text=text, token_ids=ids, length=len(ids), finish_reason=reason,
+                          logprobs=lps[i, : len(ids)].tolist() if lps is not None else None)

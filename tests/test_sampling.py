@@ -1,0 +1,175 @@
+"""The KV-cache sampler against the full forward pass, HF `generate`, HF's logits warpers and exact
+distributions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny
+import torch
+from transformers.generation import logits_process
+
+import sami_jax
+from sami_jax.models.transformer import KVCache, forward, forward_cached, positions_from_mask
+from sami_jax.sampling import Sampler, SamplingParams, pick_tokens, process_logits
+
+FAMILIES = ["llama_kv2", "mistral_window", "mixtral_4x2"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cache = {}
+
+    def get(name, **overrides):
+        key = (name, tuple(sorted(overrides.items())))
+        if key not in cache:
+            hf = tiny.hf_model(name, **overrides)
+            cache[key] = hf, sami_jax.load_model(tiny.save(hf, tmp_path_factory.mktemp(name)))
+        return cache[key]
+
+    return get
+
+
+def _left_pad(rows, width):
+    tokens = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r):], mask[i, width - len(r):] = r, True
+    return tokens, mask
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cached_decode_equals_full_forward(saved, name):
+    """Prefill 8 slots (left-padded), then decode 20 tokens one at a time: each step's logits equal the
+    full-sequence forward at that position (past Mistral's window of 12)."""
+    _, model = saved(name)
+    rows = [tiny.tokens(1, n, seed=i)[0] for i, n in enumerate([8, 5])]
+    cont = tiny.tokens(2, 20, seed=9)
+    prompt, pmask = _left_pad(rows, 8)
+    full_tokens = np.concatenate([prompt, cont], 1)
+    full_mask = np.concatenate([pmask, np.ones_like(cont, bool)], 1)
+    fwd = jax.jit(forward, static_argnames="config")
+    full = np.asarray(fwd(model.params, jnp.asarray(full_tokens), model.config, mask_bt=jnp.asarray(full_mask)))
+    step = jax.jit(forward_cached, static_argnames="config")
+    cache = KVCache.create(model.config, 2, 28, jnp.float32)
+    positions = positions_from_mask(jnp.asarray(full_mask))
+    logits, cache = step(model.params, jnp.asarray(prompt), model.config, cache, jnp.int32(0),
+                         positions_bt=positions[:, :8], mask_bt=jnp.asarray(pmask))
+    np.testing.assert_allclose(np.asarray(logits)[pmask], full[:, :8][pmask], atol=1e-5, rtol=0)
+    for t in range(20):
+        logits, cache = step(model.params, jnp.asarray(cont[:, t:t + 1]), model.config, cache, jnp.int32(8 + t),
+                             positions_bt=positions[:, 8 + t:9 + t], mask_bt=jnp.ones((2, 1), bool))
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, 8 + t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_equals_hf_generate(saved, name):
+    hf, model = saved(name)
+    rows = [tiny.tokens(1, n, seed=i)[0].tolist() for i, n in enumerate([5, 11, 16, 3])]
+    results = Sampler(model, buckets=(16,)).generate(rows, SamplingParams(max_new_tokens=24), eos_ids=[])
+    for r, row in zip(results, rows, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([row]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(row):].tolist()
+        assert r.token_ids == ref
+        assert (r.length, r.finish_reason) == (24, "length")
+
+
+def test_eos_stops_only_its_row(saved):
+    _, model = saved("llama_kv2")
+    rows = [tiny.tokens(1, 6, seed=i)[0].tolist() for i in range(3)]
+    sampler = Sampler(model, buckets=(8,), chunk=4)
+    free = sampler.generate(rows, SamplingParams(max_new_tokens=12), eos_ids=[])
+    # An EOS id that row 0 emits at step 3 (first time) and the other rows never emit.
+    eos = free[0].token_ids[3]
+    assert eos not in free[0].token_ids[:3] and all(eos not in r.token_ids for r in free[1:])
+    stopped = sampler.generate(rows, SamplingParams(max_new_tokens=12), eos_ids=[eos])
+    assert (stopped[0].token_ids, stopped[0].finish_reason, stopped[0].length) == (free[0].token_ids[:3], "eos", 3)
+    for a, b in zip(stopped[1:], free[1:], strict=True):
+        assert (a.token_ids, a.finish_reason, a.length) == (b.token_ids, "length", 12)
+
+
+def test_logprobs_are_the_models_own(saved):
+    _, model = saved("llama_kv2")
+    row = tiny.tokens(1, 7)[0].tolist()
+    r = Sampler(model, buckets=(8,)).generate([row], SamplingParams(max_new_tokens=6, temperature=0.7, top_k=5,
+                                                                   logprobs=True), eos_ids=[])[0]
+    full = np.asarray(jax.nn.log_softmax(model.logits([row + r.token_ids])[0]))
+    expected = [full[len(row) - 1 + i, t] for i, t in enumerate(r.token_ids)]
+    np.testing.assert_allclose(r.logprobs, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ distributions
+def _exact(logits, temperature, top_k, top_p):
+    """The tempered, top-k then top-p truncated distribution, by a plain numpy loop."""
+    x = np.asarray(logits, np.float64) / temperature
+    keep = np.ones_like(x, bool)
+    if top_k:
+        keep &= x >= np.sort(x)[-top_k]
+    p = np.where(keep, np.exp(x - x[keep].max()), 0)
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(p)  # ascending: drop the least likely while their total stays <= 1 - top_p
+        total = 0.0
+        for i in order[:-1]:
+            if total + p[i] > 1 - top_p + 1e-12:
+                break
+            total += p[i]
+            keep[i] = False
+        p = np.where(keep, p, 0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 4, 1.0),
+                                                              (0.9, 0, 0.8), (1.0, 5, 0.7)])
+def test_draws_match_the_exact_distribution(temperature, top_k, top_p):
+    logits = np.asarray([1.2, 0.3, -0.5, 2.0, 0.0, -1.5, 0.9, 1.6], np.float32)
+    n = 20_000
+    sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    draws = np.asarray(jax.jit(lambda k: pick_tokens(k, jnp.broadcast_to(jnp.asarray(logits), (n, 8)), sp))(
+        jax.random.key(0)))
+    freq = np.bincount(draws, minlength=8) / n
+    expected = _exact(logits, temperature, top_k, top_p)
+    assert np.abs(freq - expected).max() <= 0.01
+    assert (freq[expected == 0] == 0).all()
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.75, 0.9, 0.99])
+@pytest.mark.parametrize("top_k", [0, 1, 7, 50])
+def test_kept_set_equals_hf_warpers(top_k, top_p):
+    logits = np.random.default_rng(top_k).normal(0, 2, (16, 200)).astype(np.float32)
+    ours = np.isfinite(np.asarray(process_logits(jnp.asarray(logits), 1.0, top_k, top_p)))
+    scores = torch.tensor(logits)
+    if top_k:
+        scores = logits_process.TopKLogitsWarper(top_k)(None, scores)
+    scores = logits_process.TopPLogitsWarper(top_p)(None, scores)
+    np.testing.assert_array_equal(ours, np.isfinite(scores.numpy()))
+
+
+# ------------------------------------------------------------------------------------ sharding, errors
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 fake CPU devices (conftest sets XLA_FLAGS)")
+def test_sharded_greedy_equals_single_device(saved, tmp_path):
+    hf, single = saved("llama_kv4", num_attention_heads=8, num_key_value_heads=4)
+    path = tiny.save(hf, tmp_path)
+    sharded = sami_jax.load_model(path, mesh=sami_jax.make_mesh({"fsdp": 2, "tensor": 4}))
+    rows = [tiny.tokens(1, n, seed=i)[0].tolist() for i, n in enumerate([4, 9, 13, 7])]
+    sp = SamplingParams(max_new_tokens=16)
+    a = Sampler(sharded, buckets=(16,)).generate(rows, sp, eos_ids=[])
+    b = Sampler(single, buckets=(16,)).generate(rows, sp, eos_ids=[])
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_bad_input(saved):
+    _, model = saved("llama_kv2")
+    sampler = Sampler(model, buckets=(8, 16))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.generate([[5, 6], []])
+    with pytest.raises(ValueError, match="prompt 0 has 20 tokens, more than the maximum 16"):
+        sampler.generate([list(range(3, 23))])
+    r = sampler.generate([list(range(3, 23))], SamplingParams(max_new_tokens=2), truncate=True, eos_ids=[])[0]
+    assert r.prompt_tokens_dropped == 4
+    for kwargs, msg in [({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                        ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"max_new_tokens": 0}, "max_new")]:
+        with pytest.raises(ValueError, match=msg):
+            SamplingParams(**kwargs)
