@@ -19,6 +19,8 @@ setup(
         "tokenizers>=0.21",
         "sentencepiece>=0.2",
         "etils[epath]>=1.10",
+        "jinja2>=3.1",
+        "tqdm>=4.66",
     ],
     extras_require={
         "gguf": ["gguf>=0.17"],

@@ -139,7 +139,7 @@ class Sampler:
             cache = KVCache.create(config, b, total_len, params["embed_tokens"].dtype, sharder)
             positions = positions_from_mask(mask)
             logits, cache = forward_cached(params, tokens, config, cache, jnp.int32(0), positions_bt=positions,
-                                           mask_bt=mask, sharder=sharder)
+                                           mask_bt=mask, sharder=sharder, last_only=True)
             key, sub = jax.random.split(key)
             last = logits[:, -1]
             tok = pick_tokens(sub, last, sp)
@@ -252,15 +252,13 @@ class Sampler:
         start = time.perf_counter()
         state = prefill(self.params, tokens, mask, key)
         chunk_fn = None
-        stop_hit: dict[int, bool] = {}
         while True:
             step = int(state.step)
-            done = np.asarray(state.done)
+            done = np.array(state.done)
             if sp.stop and step > 1:
                 out = np.asarray(state.out[:, :step])
                 for i in range(len(rows)):
                     if not done[i] and self._stop_index(out[i], sp.stop) is not None:
-                        stop_hit[i] = True
                         done[i] = True
                 state = state.replace(done=jnp.asarray(done))
             if step >= sp.max_new_tokens or done[: len(rows)].all():

@@ -2,6 +2,7 @@
 HH-RLHF dialogues in one left-padded batch."""
 
 import numpy as np
+import pytest
 import torch
 
 import sami_jax
@@ -44,3 +45,88 @@ def test_convert_cli_to_hf_loads_in_transformers(smollm2_gguf, smollm2_transform
         torch.testing.assert_close(exported(ids).logits, smollm2_transformers(ids).logits, atol=1e-4, rtol=0)
     ours = sami_jax.load_model(tmp_path)
     assert ours.tokenizer.encode("Human: hi") == tok("Human: hi").input_ids
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return sami_jax.load_model(smollm2_gguf)
+
+
+def _hh_prompts(hh_texts, n):
+    """Real HH-RLHF queries (first human turn), as the paper's generation prompt ends: 'Assistant:'."""
+    queries = [t.split("Human: ", 1)[1].split("\n\nAssistant:", 1)[0].strip() for t in hh_texts[::37][:n]]
+    return [f"Human: {q}\n\nAssistant:" for q in queries]
+
+
+def test_greedy_equals_hf_generate_on_real_prompts(smollm2, smollm2_transformers, hh_texts):
+    """16 real prompts of mixed lengths in one left-padded batch, 64 new tokens, token for token."""
+    from sami_jax.sampling import Sampler, SamplingParams
+
+    prompts = _hh_prompts(hh_texts, 16)
+    ours = Sampler(smollm2).generate(prompts, SamplingParams(max_new_tokens=64))
+    tok = smollm2.tokenizer
+    ids = [tok.encode(p) for p in prompts]
+    assert len({len(i) for i in ids}) > 4
+    width = max(len(i) for i in ids)
+    batch = torch.tensor([[tok.pad_id] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with torch.no_grad():
+        ref = smollm2_transformers.generate(batch, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                                            eos_token_id=list(tok.eos_ids), pad_token_id=tok.pad_id)[:, width:]
+    for r, row in zip(ours, ref.tolist(), strict=True):
+        expected = row[: row.index(tok.eos_ids[0])] if tok.eos_ids[0] in row else row
+        assert r.token_ids == expected
+        assert r.finish_reason == ("eos" if len(expected) < 64 else "length")
+        assert r.text == tok.decode(expected)
+
+
+def test_stop_strings_cut_the_text(smollm2, hh_texts):
+    from sami_jax.sampling import Sampler, SamplingParams
+
+    prompts = _hh_prompts(hh_texts, 3)
+    sampler = Sampler(smollm2)
+    free = sampler.generate(prompts, SamplingParams(max_new_tokens=24))
+    # A stop string taken from the middle of row 0's own answer; the other rows may or may not hit it.
+    words = free[0].text.split()
+    stop = " " + words[len(words) // 2]
+    cut = sampler.generate(prompts, SamplingParams(max_new_tokens=24, stop=(stop, "###")))
+    assert cut[0].finish_reason == "stop"
+    assert cut[0].text == free[0].text[: free[0].text.index(stop)]
+    assert stop in tok_text(smollm2, cut[0].token_ids) and stop not in tok_text(smollm2, cut[0].token_ids[:-1])
+    for a, b in zip(cut, free, strict=True):
+        assert b.text.startswith(a.text)
+        assert a.finish_reason == ("stop" if stop in b.text or "###" in b.text else b.finish_reason)
+
+
+def tok_text(model, ids):
+    return model.tokenizer.decode(ids)
+
+
+def test_generate_cli_with_chat_template(smollm2_gguf, tmp_path, capsys):
+    import json
+
+    import transformers
+
+    from sami_jax.generate import apply_chat_template, main
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = sami_jax.load_model(smollm2_gguf).tokenizer.chat_template
+    assert apply_chat_template(template, messages[0]["content"]) == expected
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["What is the capital of France?", "Say hi."]))
+    out = tmp_path / "out.jsonl"
+    assert main([f"--model={smollm2_gguf}", f"--prompts={prompts}", f"--out={out}", "--chat",
+                 "--max-new-tokens=12", "--batch-size=2"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["What is the capital of France?", "Say hi."]
+    assert "Paris" in records[0]["text"]
+    assert all(set(r) == {"prompt", "text", "token_ids", "length", "finish_reason"} for r in records)
+    assert all(r["length"] == len(r["token_ids"]) for r in records)
+
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(SystemExit):
+        main([f"--model={smollm2_gguf}", f"--prompts={prompts}", f"--out={out}"])
+    assert f"{prompts}:2" in capsys.readouterr().err

@@ -135,13 +135,15 @@ class KVCache:
 
 def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVCache, start: jax.Array, *,
                    positions_bt: jax.Array, mask_bt: jax.Array, moe_impl: str = "dropless",
-                   sharder: Sharder | None = None) -> tuple[jax.Array, KVCache]:
+                   sharder: Sharder | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Runs tokens [b, t] that occupy cache slots [start, start + t): writes their keys and values, attends
     over every valid slot up to each token (and inside the sliding window), returns float32 logits
     [b, t, v] and the updated cache. Prefill is t = prompt length at start 0; decoding is t = 1.
 
     mask_bt marks which of the new tokens are real (padding is never attended); positions_bt are their
     RoPE positions. The cache is a scan carry updated in place, so donating it avoids any copy.
+    last_only: logits for the last position only ([b, 1, v]); a prefill needs no more, and the vocab
+    projection of every prompt token is a large share of its FLOPs.
     """
     b, t = tokens_bt.shape
     length = cache.valid.shape[1]
@@ -167,4 +169,4 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
     layers = jnp.arange(config.num_layers, dtype=jnp.int32)
     (x, k, v), _ = jax.lax.scan(step, (_embed(params, tokens_bt, sharder), cache.k, cache.v),
                                 (params["layers"], layers))
-    return _logits(params, x, config, sharder), KVCache(k=k, v=v, valid=valid)
+    return _logits(params, x[:, -1:] if last_only else x, config, sharder), KVCache(k=k, v=v, valid=valid)
