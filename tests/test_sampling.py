@@ -147,6 +147,18 @@ def test_kept_set_equals_hf_warpers(top_k, top_p):
     np.testing.assert_array_equal(ours, np.isfinite(scores.numpy()))
 
 
+@pytest.mark.parametrize("candidates", [4, 64, 1024])
+def test_top_p_candidate_path_and_sort_fallback_agree_with_hf(candidates):
+    """Few candidates force the full-sort fallback on flat rows; many take the top-k path: both exact."""
+    from sami_jax.sampling import _top_p_keep
+
+    logits = np.random.default_rng(candidates).normal(0, 3, (32, 300)).astype(np.float32)
+    for top_p in (0.5, 0.9):
+        ours = np.asarray(_top_p_keep(jnp.asarray(logits), top_p, candidates))
+        hf = logits_process.TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy()
+        np.testing.assert_array_equal(ours, np.isfinite(hf))
+
+
 # ------------------------------------------------------------------------------------ sharding, errors
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 fake CPU devices (conftest sets XLA_FLAGS)")
 def test_sharded_greedy_equals_single_device(saved, tmp_path):
