@@ -225,6 +225,8 @@ class Sampler:
                  progress: Callable[[int], None] | None = None) -> list[Generation]:
         """Generations for `prompts` (strings or token-id lists), in input order, batch_size at a time."""
         sp = sp or SamplingParams()
+        if self.tokenizer is None and (sp.stop or any(isinstance(p, str) for p in prompts)):
+            raise ValueError("this model has no tokenizer: pass prompts as token ids, and no stop strings")
         rows, dropped = self.encode_prompts(prompts, truncate)
         if eos_ids is None:
             eos_ids = self.tokenizer.eos_ids if self.tokenizer is not None else self.config.eos_token_ids

@@ -175,6 +175,8 @@ def test_sharded_greedy_equals_single_device(saved, tmp_path):
 def test_bad_input(saved):
     _, model = saved("llama_kv2")
     sampler = Sampler(model, buckets=(8, 16))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        sampler.generate(["text needs a tokenizer"])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sampler.generate([[5, 6], []])
     with pytest.raises(ValueError, match="prompt 0 has 20 tokens, more than the maximum 16"):
