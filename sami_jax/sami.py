@@ -1,0 +1,133 @@
+"""The SAMI objective: sequences, masks, the log-prob matrix and the symmetric InfoNCE loss.
+
+For each query q with constitutions c_1..c_C and responses y_1..y_C (y_j sampled under c_j):
+
+    M[q, k, j] = mean over response tokens of log p(y_j | c_k, x_q)       (rows: constitutions)
+    loss       = mean_q 1/2 (CE over each row + CE over each column), targets on the diagonal
+
+as the authors ran it (../shared/reference/sami-method.md §2): no temperature, no cross-query
+negatives, prompt and padding masked, the EOS masked unless asked, log-softmax in float32.
+Shapes: q queries, c constitutions (= responses per query), t tokens, v vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sami_jax.models.config import ModelConfig
+from sami_jax.models.transformer import forward
+
+
+# -------------------------------------------------------------------------------------------- loss
+def sami_loss_terms(m_qcc: jax.Array) -> dict[str, jax.Array]:
+    """Loss and diagnostics from the matrix [q, c, c] (rows = constitutions, columns = responses).
+
+    row loss: which response came from constitution k (softmax over j); column loss: which
+    constitution produced response j (softmax over k). Accuracies: the diagonal wins its row / column.
+    """
+    m = m_qcc.astype(jnp.float32)
+    diag_row = jnp.diagonal(jax.nn.log_softmax(m, axis=-1), axis1=-2, axis2=-1)  # [q, c]
+    diag_col = jnp.diagonal(jax.nn.log_softmax(m, axis=-2), axis1=-2, axis2=-1)
+    row, col = -jnp.mean(diag_row), -jnp.mean(diag_col)
+    c = m.shape[-1]
+    eye = jnp.eye(c, dtype=bool)
+    diag = jnp.diagonal(m, axis1=-2, axis2=-1)
+    return {
+        "loss": (row + col) / 2,
+        "row_loss": row,
+        "col_loss": col,
+        "row_accuracy": jnp.mean(jnp.argmax(m, axis=-1) == jnp.arange(c)),
+        "col_accuracy": jnp.mean(jnp.argmax(m, axis=-2) == jnp.arange(c)),
+        "diag_minus_offdiag": jnp.mean(diag) - jnp.sum(jnp.where(eye, 0.0, m)) / (m.shape[0] * c * (c - 1)),
+    }
+
+
+def sami_loss(m_qcc: jax.Array) -> jax.Array:
+    """The scalar SAMI loss of a [queries, C, C] log-prob matrix (rows = constitutions, columns = responses)."""
+    return sami_loss_terms(m_qcc)["loss"]
+
+
+# -------------------------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True)
+class PairBatch:
+    """Every (constitution prompt k, response j) pair of q queries, right-padded to t tokens.
+
+    tokens [q, c, c, t] int32; attention [q, c, c, t] (1 = real token); loss_mask [q, c, c, t]
+    (1 on the response tokens whose log-prob counts; position i scores token i from logits at i-1).
+    """
+
+    tokens: np.ndarray
+    attention: np.ndarray
+    loss_mask: np.ndarray
+
+
+def build_pair_batch(tokenizer, prompts: Sequence[Sequence[str]], responses: Sequence[Sequence[str]],
+                     keep_eos: bool = False, pad_to_multiple: int = 8) -> PairBatch:
+    """prompts[q][k] is query q under constitution k; responses[q][j] was sampled under constitution j.
+
+    Prompt and response are tokenized separately and concatenated, so the response's tokens are exactly
+    its own (the authors' string concatenation relied on a prefix property that not every tokenizer
+    has); the prompt gets the tokenizer's usual BOS, the response none. keep_eos appends the EOS and
+    scores it (the authors masked it, so by default the model is never trained to stop).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompt rows but {len(responses)} response rows")
+    q = len(prompts)
+    c = len(prompts[0]) if q else 0
+    rows = []
+    for i, (ps, rs) in enumerate(zip(prompts, responses, strict=True)):
+        if len(ps) != c or len(rs) != c:
+            raise ValueError(f"query {i}: {len(ps)} prompts and {len(rs)} responses; every query needs {c} of each")
+        p_ids = [tokenizer.encode(p, add_bos=tokenizer.add_bos_default) for p in ps]
+        r_ids = [tokenizer.encode(r) + ([tokenizer.eos_ids[0]] if keep_eos else []) for r in rs]
+        for j, r in enumerate(r_ids):
+            if not r:
+                raise ValueError(f"query {i}: response {j} is empty")
+        rows.append([[(p, r) for r in r_ids] for p in p_ids])
+    t = max(len(p) + len(r) for row in rows for pairs in row for p, r in pairs)
+    t = -(-t // pad_to_multiple) * pad_to_multiple
+    tokens = np.full((q, c, c, t), tokenizer.pad_id, np.int32)
+    attention = np.zeros((q, c, c, t), np.int32)
+    loss_mask = np.zeros((q, c, c, t), np.int32)
+    for i, row in enumerate(rows):
+        for k, pairs in enumerate(row):
+            for j, (p, r) in enumerate(pairs):
+                n = len(p) + len(r)
+                tokens[i, k, j, :n] = p + r
+                attention[i, k, j, :n] = 1
+                loss_mask[i, k, j, len(p):n] = 1
+    return PairBatch(tokens, attention, loss_mask)
+
+
+# -------------------------------------------------------------------------------------------- log-probs
+def sequence_logprobs(params, config: ModelConfig, tokens_bt, attention_bt, loss_mask_bt, reduce: str = "mean",
+                      **forward_kwargs) -> jax.Array:
+    """log p of the masked tokens of each sequence [b]: mean over them ("mean", the authors' training
+    choice) or their sum ("sum", the paper's MI estimate). log-softmax in float32."""
+    logits = forward(params, tokens_bt, config, mask_bt=attention_bt, **forward_kwargs)[:, :-1]
+    targets = tokens_bt[:, 1:]
+    token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], -1)[..., 0]
+    mask = loss_mask_bt[:, 1:].astype(jnp.float32)
+    total = jnp.sum(token_lp * mask, axis=-1)
+    if reduce == "sum":
+        return total
+    if reduce == "mean":
+        return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+def logprob_matrix(params, config: ModelConfig, tokens_qcct, attention_qcct, loss_mask_qcct, reduce: str = "mean",
+                   **forward_kwargs) -> jax.Array:
+    """M [q, c, c]: the per-sequence log-prob function vmapped over the (constitution k, response j) pairs."""
+
+    def per_pair(tokens_qt, attention_qt, loss_qt):  # one (k, j) pair for every query -> [q]
+        return sequence_logprobs(params, config, tokens_qt, attention_qt, loss_qt, reduce, **forward_kwargs)
+
+    over_j = jax.vmap(per_pair, in_axes=1, out_axes=1)  # [q, c, t] -> [q, c]
+    over_k = jax.vmap(over_j, in_axes=1, out_axes=1)  # [q, c, c, t] -> [q, c, c]
+    return over_k(tokens_qcct, attention_qcct, loss_mask_qcct)

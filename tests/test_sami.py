@@ -1,0 +1,111 @@
+"""The SAMI objective against the paper's loss vectors, a numpy loop, and HF transformers' log-probs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny
+import torch
+
+import sami_jax
+from sami_jax.sami import build_pair_batch, logprob_matrix, sami_loss, sami_loss_terms
+
+# ../shared/reference/sami-method.md §2.1: M (rows = constitutions) -> L_row, L_col, L.
+PAPER_VECTORS = [
+    ([[0, 0], [0, 0]], 0.693147, 0.693147, 0.693147),
+    ([[-0.5, -1.0], [-1.2, -0.7]], 0.474077, 0.478771, 0.476424),
+    ([[-1.1552, -4.6220], [-4.4782, -1.0819]], 0.031844, 0.032004, 0.031924),
+    ([[-1, -2, -3], [-2.5, -0.5, -1.5], [-0.3, -2.2, -0.9]], 0.648296, 0.676270, 0.662283),
+]
+
+
+@pytest.mark.parametrize(("m", "row", "col", "loss"), PAPER_VECTORS)
+def test_loss_matches_the_papers_vectors(m, row, col, loss):
+    terms = sami_loss_terms(jnp.asarray([m], jnp.float32))
+    np.testing.assert_allclose([terms["row_loss"], terms["col_loss"], terms["loss"]], [row, col, loss], atol=1e-6)
+
+
+def _numpy_loss(m):
+    total = 0.0
+    for mq in np.asarray(m, np.float64):
+        c = len(mq)
+        row = -np.mean([mq[k, k] - np.log(np.sum(np.exp(mq[k]))) for k in range(c)])
+        col = -np.mean([mq[j, j] - np.log(np.sum(np.exp(mq[:, j]))) for j in range(c)])
+        total += (row + col) / 2
+    return total / len(m)
+
+
+def test_loss_is_the_mean_over_queries_of_the_symmetric_infonce():
+    m = np.random.default_rng(0).normal(-3, 1.5, (5, 3, 3))
+    np.testing.assert_allclose(sami_loss(jnp.asarray(m, jnp.float32)), _numpy_loss(m), rtol=1e-6)
+    terms = sami_loss_terms(jnp.asarray(m, jnp.float32))
+    np.testing.assert_allclose(terms["row_accuracy"], np.mean(m.argmax(-1) == np.arange(3)))
+    np.testing.assert_allclose(terms["col_accuracy"], np.mean(m.argmax(-2) == np.arange(3)))
+    off = m[:, ~np.eye(3, dtype=bool)]
+    np.testing.assert_allclose(terms["diag_minus_offdiag"], np.diagonal(m, 0, 1, 2).mean() - off.mean(), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    hf = tiny.hf_model("llama_kv2")
+    return hf, sami_jax.load_model(tiny.save(hf, tmp_path_factory.mktemp("llama")))
+
+
+def test_logprob_matrix_matches_hf(llama):
+    """M[q, k, j] from our vmapped function == the mean (and sum) of transformers' token log-probs of
+    response j after prompt k, one sequence at a time."""
+    hf, model = llama
+    rng = np.random.default_rng(0)
+    q, c, t = 2, 2, 24
+    prompts = [[rng.integers(3, 256, rng.integers(4, 9)).tolist() for _ in range(c)] for _ in range(q)]
+    responses = [[rng.integers(3, 256, rng.integers(3, 12)).tolist() for _ in range(c)] for _ in range(q)]
+    tokens = np.zeros((q, c, c, t), np.int32)
+    attention = np.zeros_like(tokens)
+    loss_mask = np.zeros_like(tokens)
+    ref_mean = np.zeros((q, c, c))
+    ref_sum = np.zeros((q, c, c))
+    for i in range(q):
+        for k in range(c):
+            for j in range(c):
+                p, r = prompts[i][k], responses[i][j]
+                tokens[i, k, j, :len(p) + len(r)] = p + r
+                attention[i, k, j, :len(p) + len(r)] = 1
+                loss_mask[i, k, j, len(p):len(p) + len(r)] = 1
+                with torch.no_grad():
+                    logp = torch.log_softmax(hf(torch.tensor([p + r])).logits[0].double(), -1)
+                lp = [logp[len(p) - 1 + n, tok].item() for n, tok in enumerate(r)]
+                ref_mean[i, k, j], ref_sum[i, k, j] = np.mean(lp), np.sum(lp)
+    fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce"))
+    ours = fn(model.params, model.config, tokens, attention, loss_mask)
+    np.testing.assert_allclose(ours, ref_mean, atol=1e-5)
+    np.testing.assert_allclose(fn(model.params, model.config, tokens, attention, loss_mask, reduce="sum"), ref_sum,
+                               atol=1e-4)
+
+    # Gradients flow through every entry (diagonal and off-diagonal) into the params.
+    grads = jax.grad(lambda p: sami_loss(logprob_matrix(p, model.config, tokens, attention, loss_mask)))(model.params)
+    norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and min(norms) > 0
+
+
+def test_pair_batch_masks_response_tokens_only(smollm2_gguf):
+    from sami_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_gguf)
+    prompts = [["Human: be kind. Summarize: a cat.\n\nAssistant:", "Human: be rude. Summarize: a cat.\n\nAssistant:"]]
+    responses = [["A cat sat.", "Whatever, a cat."]]
+    batch = build_pair_batch(tok, prompts, responses)
+    assert batch.tokens.shape[:3] == (1, 2, 2) and batch.tokens.shape[3] % 8 == 0
+    for k in range(2):
+        for j in range(2):
+            p, r = tok.encode(prompts[0][k]), tok.encode(responses[0][j])
+            n = len(p) + len(r)
+            assert batch.tokens[0, k, j, :n].tolist() == p + r
+            assert batch.loss_mask[0, k, j].tolist() == [0] * len(p) + [1] * len(r) + [0] * (batch.tokens.shape[3] - n)
+            assert batch.attention[0, k, j].sum() == n
+    with_eos = build_pair_batch(tok, prompts, responses, keep_eos=True)
+    r = [*tok.encode(responses[0][1]), tok.eos_ids[0]]
+    p = tok.encode(prompts[0][0])
+    assert with_eos.tokens[0, 0, 1, len(p):len(p) + len(r)].tolist() == r
+    assert with_eos.loss_mask[0, 0, 1].sum() == len(r)
+    with pytest.raises(ValueError, match="response 1 is empty"):
+        build_pair_batch(tok, prompts, [["fine", ""]])
