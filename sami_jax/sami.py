@@ -13,14 +13,19 @@ Shapes: q queries, c constitutions (= responses per query), t tokens, v vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from sami_jax.models.config import ModelConfig
 from sami_jax.models.transformer import forward
+from sami_jax.optim import OptimConfig, make_optimizer, make_schedule
 
 
 # -------------------------------------------------------------------------------------------- loss
@@ -131,3 +136,61 @@ def logprob_matrix(params, config: ModelConfig, tokens_qcct, attention_qcct, los
     over_j = jax.vmap(per_pair, in_axes=1, out_axes=1)  # [q, c, t] -> [q, c]
     over_k = jax.vmap(over_j, in_axes=1, out_axes=1)  # [q, c, c, t] -> [q, c, c]
     return over_k(tokens_qcct, attention_qcct, loss_mask_qcct)
+
+
+# -------------------------------------------------------------------------------------------- step
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer updates applied so far
+    params: Any
+    opt_state: Any  # float32, whatever the params' dtype
+
+
+def init_train_state(params, optim: OptimConfig) -> TrainState:
+    """A state that owns a copy of `params`: sami_step donates its state, and SAMI restarts every
+    iteration from the base weights, which must survive."""
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    return TrainState(step=jnp.int32(0), params=jax.tree.map(jnp.copy, params),
+                      opt_state=make_optimizer(optim).init(params32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "optim", "reduce", "remat", "compute_dtype", "sharder"),
+                   donate_argnums=0)
+def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelConfig, optim: OptimConfig,
+              reduce: str = "mean", remat: str = "none", compute_dtype=None, sharder=None):
+    """One optimizer update from A micro-batches: tokens/attention/loss_mask [A, q, c, c, t].
+
+    Gradients are accumulated over the micro-batches (a scan; the mean of their losses, i.e. true
+    accumulation, not the authors' zero_grad-per-micro-step) and applied once. compute_dtype (e.g.
+    bfloat16) runs the forward in that dtype from float32 master params. Returns (state, metrics):
+    loss, row/col loss and accuracy, diag_minus_offdiag (averaged over micro-batches), grad_norm
+    (before clipping), lr (of this update).
+    """
+    params = state.params
+
+    def loss_fn(p, tok, att, lm):
+        if compute_dtype is not None:
+            p = jax.tree.map(lambda x: x.astype(compute_dtype), p)
+        m = logprob_matrix(p, config, tok, att, lm, reduce, remat=remat, sharder=sharder)
+        terms = sami_loss_terms(m)
+        return terms["loss"], terms
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro(acc, xs):
+        (_, terms), grads = grad_fn(params, *xs)
+        grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc[0], grads)
+        return (grads, jax.tree.map(jnp.add, acc[1], terms)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    zero_terms = jax.tree.map(lambda _: jnp.float32(0), jax.eval_shape(lambda: sami_loss_terms(jnp.zeros((1, 2, 2)))))
+    (grads, terms), _ = jax.lax.scan(micro, (zeros, zero_terms), (tokens, attention, loss_mask))
+    n = tokens.shape[0]
+    grads = jax.tree.map(lambda g: g / n, grads)
+    metrics = {k: v / n for k, v in terms.items()}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["lr"] = make_schedule(optim)(state.step)
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    updates, opt_state = make_optimizer(optim).update(grads, state.opt_state, params32)
+    new_params = jax.tree.map(lambda p, u, old: (p + u).astype(old.dtype), params32, updates, params)
+    return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
