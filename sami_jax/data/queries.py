@@ -1,0 +1,190 @@
+"""Queries for SAMI generation (arXiv 2404.14313, reference §3 point 1).
+
+Every loader returns the *raw* query text: the HH first human turn without its ``"Human: "`` speaker
+tag, the TL;DR post without its ``"POST: "`` prefix. The prompt templates add ``"Human: "`` /
+``"POST: "`` later, so nothing here is template-specific.
+
+Sources (``kind``):
+
+- ``"hh"``: jsonl or jsonl.gz of HH-RLHF rows ``{"chosen", "rejected"}``. The query is the first human
+  turn of ``chosen``: the text after the first ``"Human: "`` and before the first following
+  ``"Assistant: "`` (the reference's exact rule), stripped of surrounding whitespace.
+- ``"tldr"``: jsonl(.gz) rows with a ``post`` field (the text, stripped), or the paper's response-file
+  JSON ``{"question": {i: "POST: ..."}, ...}``, read in ``int(i)`` order with the ``"POST: "`` prefix removed.
+- ``"jsonl"``: generic jsonl(.gz) rows ``{"query": str}``.
+- ``"auto"``: ``.json`` files are TL;DR response files; for jsonl the first row's fields decide
+  (``chosen`` -> hh, ``post`` -> tldr, ``query`` -> jsonl).
+
+Paths may be local or ``gs://...`` (read through ``etils.epath``, imported only for URLs). Exact repeats
+are dropped, keeping the first occurrence. Malformed input raises :class:`QueryDataError` naming the
+file and, for line formats, the 1-based line number (``path:17: not valid JSON``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import io
+import json
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+KINDS = ("auto", "hh", "tldr", "jsonl")
+HUMAN, ASSISTANT, POST = "Human: ", "Assistant: ", "POST: "
+
+
+class QueryDataError(ValueError):
+    """A query file is missing, empty or malformed; the message names the file (and line)."""
+
+
+def _path(path: str | os.PathLike) -> Any:
+    if "://" in str(path):
+        from etils import epath  # lazy: only remote paths need it (and GCS access).
+
+        return epath.Path(path)
+    return pathlib.Path(path)
+
+
+def _read_text(path: Any) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise QueryDataError(f"{path}: no such file") from None
+    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the suffix.
+        raw = gzip.decompress(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QueryDataError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _rows(path: Any, text: str) -> Iterator[tuple[int, dict]]:
+    for lineno, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QueryDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise QueryDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def _field(path: Any, lineno: int, row: dict, name: str) -> str:
+    if name not in row:
+        raise QueryDataError(f'{path}:{lineno}: no "{name}" field')
+    value = row[name]
+    if not isinstance(value, str):
+        raise QueryDataError(f'{path}:{lineno}: "{name}" is {type(value).__name__}, not a string')
+    return value
+
+
+def first_human_turn(dialogue: str) -> str | None:
+    """The text after the first "Human: " and before the next "Assistant: ", stripped; None if no
+    "Human: " turn. Without a following "Assistant: " the rest of the dialogue is the turn."""
+    _, found, rest = dialogue.partition(HUMAN)
+    if not found:
+        return None
+    return rest.partition(ASSISTANT)[0].strip()
+
+
+def _line_queries(path: Any, text: str, kind: str) -> Iterator[str]:
+    for lineno, row in _rows(path, text):
+        if kind == "hh":
+            query = first_human_turn(_field(path, lineno, row, "chosen"))
+            if query is None:
+                raise QueryDataError(f'{path}:{lineno}: no "{HUMAN}" turn in "chosen"')
+        elif kind == "tldr":
+            query = _field(path, lineno, row, "post").strip()
+        else:
+            query = _field(path, lineno, row, "query").strip()
+        if not query:
+            raise QueryDataError(f"{path}:{lineno}: empty query")
+        yield query
+
+
+def _response_file_queries(path: Any, text: str) -> Iterator[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QueryDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    questions = data.get("question") if isinstance(data, dict) else None
+    if not isinstance(questions, dict):
+        raise QueryDataError(f'{path}: no "question" object (expected {{"question": {{i: "POST: ..."}}}})')
+    try:
+        keys = sorted(questions, key=int)
+    except ValueError:
+        raise QueryDataError(f'{path}: "question" keys must be integers') from None
+    for key in keys:
+        value = questions[key]
+        if not isinstance(value, str) or not value.startswith(POST):
+            raise QueryDataError(f'{path}: question[{key}] does not start with "{POST}"')
+        query = value[len(POST):].strip()
+        if not query:
+            raise QueryDataError(f"{path}: question[{key}] is an empty post")
+        yield query
+
+
+def _detect(path: Any, text: str) -> str:
+    name = path.name.lower()
+    if name.endswith(".json"):
+        return "tldr"
+    for lineno, row in _rows(path, text):
+        for field, kind in (("chosen", "hh"), ("post", "tldr"), ("query", "jsonl")):
+            if field in row:
+                return kind
+        raise QueryDataError(f'{path}:{lineno}: cannot tell the kind: no "chosen", "post" or "query" field')
+    raise QueryDataError(f"{path}: empty file, no queries")
+
+
+def load_queries(path: str | os.PathLike, kind: str = "auto", limit: int | None = None,
+                 shuffle_seed: int | None = None) -> list[str]:
+    """Raw query texts from `path` (local or gs://), deduplicated in first-occurrence order.
+
+    With `shuffle_seed` the deduplicated list is permuted by ``np.random.default_rng(seed)``; `limit`
+    then keeps the first `limit` queries. The whole file is always parsed and validated."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    p = _path(path)
+    text = _read_text(p)
+    if not text.strip():
+        raise QueryDataError(f"{p}: empty file, no queries")
+    if kind == "auto":
+        kind = _detect(p, text)
+    if kind == "tldr" and p.name.lower().endswith(".json"):
+        queries = _response_file_queries(p, text)
+    else:
+        queries = _line_queries(p, text, kind)
+    out = list(dict.fromkeys(queries))
+    if not out:
+        raise QueryDataError(f"{p}: no queries")
+    if shuffle_seed is not None:
+        out = [out[i] for i in np.random.default_rng(shuffle_seed).permutation(len(out))]
+    return out if limit is None else out[:limit]
+
+
+def split_queries(queries: Sequence[str], held_out: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held_out): a ``default_rng(seed).permutation`` shuffle, first `held_out` held out.
+    Deterministic across runs and machines (numpy's PCG64 stream is platform independent)."""
+    if not 0 <= held_out <= len(queries):
+        raise ValueError(f"held_out must be in [0, {len(queries)}], got {held_out}")
+    order = np.random.default_rng(seed).permutation(len(queries))
+    shuffled = [queries[i] for i in order]
+    return shuffled[held_out:], shuffled[:held_out]
+
+
+def bundled_queries(kind: str) -> list[str]:
+    """The small example sets shipped for the demo: "dialogue" (user requests, harmless to mildly
+    edgy) or "post" (short first-person Reddit-style posts). Raw text, no "Human: "/"POST: " tag."""
+    resource = importlib.resources.files("sami_jax.data").joinpath("example_queries.json")
+    sets = json.loads(resource.read_text(encoding="utf-8"))
+    if kind not in sets:
+        raise ValueError(f"bundled query kind must be one of {sorted(sets)}, got {kind!r}")
+    return list(sets[kind])
