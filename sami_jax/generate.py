@@ -20,18 +20,14 @@ from tqdm import tqdm
 
 
 def read_prompts(path) -> list[str]:
+    """The "prompt" of every line of a jsonl file (local or gs://); errors name the file and line."""
+    from sami_jax.data.queries import jsonl_rows
+
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{n}: expected an object with a string \"prompt\"")
-            prompts.append(record["prompt"])
+    for n, record in jsonl_rows(path):
+        if not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: expected an object with a string \"prompt\"")
+        prompts.append(record["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

@@ -75,6 +75,13 @@ def _rows(path: Any, text: str) -> Iterator[tuple[int, dict]]:
         yield lineno, row
 
 
+def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line of a jsonl(.gz) file, local or gs://;
+    errors name the file and line."""
+    p = _path(path)
+    return _rows(p, _read_text(p))
+
+
 def _field(path: Any, lineno: int, row: dict, name: str) -> str:
     if name not in row:
         raise QueryDataError(f'{path}:{lineno}: no "{name}" field')
