@@ -1,0 +1,187 @@
+"""Training speed: our `sami_step` vs the same SAMI step written in PyTorch on HF transformers, same
+weights, sequences, loss and AdamW (with clipping), in one run.
+
+    python benchmarks/sami_step.py [--json PATH] [--threads N]          # CPU: SmolLM2-135M, float32
+    python benchmarks/sami_step.py --setting gpu-1.1b [--json PATH]      # GPU: 1.1B-shaped, bf16
+
+cpu (default): the real SmolLM2-135M-Instruct GGUF in float32; 4 queries x 2 constitutions x 2 responses
+  of 256 tokens (real HH-RLHF dialogues; the first 96 tokens are the "prompt", the loss covers the rest).
+gpu-1.1b: a TinyLlama-1.1B-shaped random model (HF's init, imported through our HF path); float32 master
+  weights, bfloat16 compute (ours: compute_dtype; torch: autocast); 16 queries x 2 x 2 = 64 sequences of
+  512 tokens in 4 accumulated micro-batches of 4 queries. MFU = train FLOPs (sami_jax.perf) / time / peak.
+
+The reference is the authors' step in plain PyTorch: per micro-batch a forward over the q*c*c sequences,
+token log-probs in float32, masked mean per sequence, the [q, c, c] matrix, the symmetric InfoNCE loss,
+backward; then clip_grad_norm_(1.0) and AdamW. Each side runs `--steps` timed steps after 2 warm-up steps
+(ours: the first compiles, its time is printed apart). Losses of the first step are compared too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+HH = pathlib.Path(os.environ.get("SAMI_JAX_SHARED", ROOT.parent / "shared")) / "data/hh-rlhf/harmless-base/test.jsonl.gz"
+
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+
+
+def torch_sami_step(torch, model, opt, batches, autocast):
+    """One SAMI update in PyTorch over micro-batches of (tokens, attention, loss_mask) [q, c, c, t]."""
+    opt.zero_grad(set_to_none=True)
+    losses = []
+    for tokens, attention, loss_mask in batches:
+        q, c, _, t = tokens.shape
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=tokens.reshape(-1, t), attention_mask=attention.reshape(-1, t)).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        lp = lp.gather(-1, tokens.reshape(-1, t)[:, 1:, None])[..., 0]
+        mask = loss_mask.reshape(-1, t)[:, 1:].float()
+        m = ((lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).reshape(q, c, c)
+        target = torch.arange(c, device=m.device).expand(q, c)
+        rows = torch.nn.functional.cross_entropy(m, target)
+        cols = torch.nn.functional.cross_entropy(m.transpose(1, 2), target)
+        loss = 0.5 * (rows + cols)
+        (loss / len(batches)).backward()
+        losses.append(loss.item())
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(np.mean(losses))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=("cpu", "gpu-1.1b"), default="cpu")
+    parser.add_argument("--json", help="write the records here")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    parser.add_argument("--remat", help="remat policy of ours (default: none on cpu, dots_no_batch on gpu-1.1b)")
+    parser.add_argument("--smoke", action="store_true", help="gpu-1.1b shapes shrunk, to test the script on a CPU")
+    args = parser.parse_args()
+    gpu = args.setting == "gpu-1.1b"
+    if gpu:  # the torch reference runs first and frees its memory; jax then allocates what it needs
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+
+    if gpu:
+        shape = dict(TINYLLAMA)
+        q, c, t, micro, prompt_len = 16, 2, 512, 4, 128
+        if args.smoke:
+            shape.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512)
+            q, t, prompt_len = 4, 64, 16
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**shape), dtype=torch.float32)
+        hf.save_pretrained(tmp / "model")
+        source, label = tmp / "model", f"{'smoke' if args.smoke else '1.1B'} bf16 compute, {q * c * c} seq x {t}"
+        tokens = rng.integers(3, shape["vocab_size"], (micro, q // micro, c, c, t))
+    else:
+        from sami_jax.demo import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                               dtype=torch.float32)
+        source, label = gguf, "SmolLM2-135M f32, 4 q x 2 x 2 x 256 tokens"
+        q, c, t, micro, prompt_len = 4, 2, 256, 1, 96
+        from sami_jax.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(gguf)
+        with gzip.open(HH, "rt") as f:
+            ids = [tok.encode(json.loads(line)["chosen"]) for line in f]
+        ids = [x[:t] for x in ids if len(x) >= t][: q * c * c]
+        tokens = np.asarray(ids).reshape(micro, q, c, c, t)
+    attention = np.ones_like(tokens)
+    loss_mask = np.zeros_like(tokens)
+    loss_mask[..., prompt_len:] = 1
+    lr = 1e-5
+
+    # ---- reference: PyTorch + HF transformers
+    hf = hf.to(device).train()
+    hf.config.use_cache = False
+    opt = torch.optim.AdamW(hf.parameters(), lr=lr, weight_decay=0.01)
+    batches = [tuple(torch.tensor(a[i], device=device) for a in (tokens, attention, loss_mask)) for i in range(micro)]
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    ref_losses = [torch_sami_step(torch, hf, opt, batches, autocast=gpu) for _ in range(2)]
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        torch_sami_step(torch, hf, opt, batches, autocast=gpu)
+    sync()
+    ref_s = (time.perf_counter() - start) / args.steps
+    del hf, opt, batches
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---- ours
+    import jax
+    import jax.numpy as jnp
+
+    import sami_jax
+    from sami_jax.optim import OptimConfig
+    from sami_jax.perf import peak_flops, train_flops_per_token
+    from sami_jax.sami import init_train_state, sami_step
+
+    model = sami_jax.load_model(source)
+    config = model.config
+    optim = OptimConfig(name="adamw", learning_rate=lr, weight_decay=0.01, clip_norm=1.0, schedule="constant")
+    state = init_train_state(model.params, optim)
+    del model  # the state holds its own copy
+    kwargs = dict(config=config, optim=optim, compute_dtype=jnp.bfloat16 if gpu else None,
+                  remat=args.remat or ("dots_no_batch" if gpu else "none"))
+    arrays = [jnp.asarray(a) for a in (tokens, attention, loss_mask)]
+    start = time.perf_counter()
+    state, metrics = sami_step(state, *arrays, **kwargs)
+    our_losses = [float(metrics["loss"])]
+    compile_s = time.perf_counter() - start
+    state, metrics = sami_step(state, *arrays, **kwargs)
+    our_losses.append(float(metrics["loss"]))
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = sami_step(state, *arrays, **kwargs)
+    jax.block_until_ready(state)
+    ours_s = (time.perf_counter() - start) / args.steps
+
+    n_tokens = tokens.size
+    ours_tps, ref_tps = n_tokens / ours_s, n_tokens / ref_s
+    record = {"setting": label, "ours": ours_tps, "reference": ref_tps, "unit": "tokens/s",
+              "ratio": ours_tps / ref_tps, "ours_compile_s": compile_s, "device": jax.devices()[0].device_kind,
+              "first_losses": {"ours": our_losses, "reference": ref_losses}}
+    peak = peak_flops(jax.devices()[0])
+    if peak:
+        flops = train_flops_per_token(config, t) * n_tokens
+        record.update(ours_mfu=flops / ours_s / peak, reference_mfu=flops / ref_s / peak)
+    print(f"{'setting':44s} {'ours tok/s':>11s} {'ref tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'ref MFU':>8s}")
+    mfu = (f"{record['ours_mfu']:9.1%} {record['reference_mfu']:8.1%}" if peak else f"{'-':>9s} {'-':>8s}")
+    print(f"{label:44s} {ours_tps:11.0f} {ref_tps:10.0f} {record['ratio']:6.2f} {mfu}   "
+          f"(our compile {compile_s:.1f}s on {record['device']}, remat {kwargs['remat']})")
+    print(f"losses of the 2 warm-up steps: ours {our_losses}, reference {ref_losses}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps([record], indent=2))
+    os.system(f"rm -rf {tmp}")
+
+
+if __name__ == "__main__":
+    main()
