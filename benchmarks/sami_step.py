@@ -31,7 +31,8 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-HH = pathlib.Path(os.environ.get("SAMI_JAX_SHARED", ROOT.parent / "shared")) / "data/hh-rlhf/harmless-base/test.jsonl.gz"
+SHARED = pathlib.Path(os.environ.get("SAMI_JAX_SHARED", ROOT.parent / "shared"))
+HH = SHARED / "data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)

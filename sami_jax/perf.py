@@ -36,7 +36,8 @@ def matmul_params_per_token(config: ModelConfig) -> int:
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    return 2.0 * matmul_params_per_token(config) + 4.0 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    attention = 4.0 * config.num_layers * config.num_heads * config.head_dim * seq_len  # scores and values
+    return 2.0 * matmul_params_per_token(config) + attention
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -26,6 +26,7 @@ import optax
 from sami_jax.models.config import ModelConfig
 from sami_jax.models.transformer import forward
 from sami_jax.optim import OptimConfig, make_optimizer, make_schedule
+from sami_jax.sharding import param_shardings
 
 
 # -------------------------------------------------------------------------------------------- loss
@@ -111,13 +112,30 @@ def build_pair_batch(tokenizer, prompts: Sequence[Sequence[str]], responses: Seq
 
 # -------------------------------------------------------------------------------------------- log-probs
 def sequence_logprobs(params, config: ModelConfig, tokens_bt, attention_bt, loss_mask_bt, reduce: str = "mean",
-                      **forward_kwargs) -> jax.Array:
+                      response_len: int | None = None, **forward_kwargs) -> jax.Array:
     """log p of the masked tokens of each sequence [b]: mean over them ("mean", the authors' training
-    choice) or their sum ("sum", the paper's MI estimate). log-softmax in float32."""
-    logits = forward(params, tokens_bt, config, mask_bt=attention_bt, **forward_kwargs)[:, :-1]
-    targets = tokens_bt[:, 1:]
-    token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], -1)[..., 0]
-    mask = loss_mask_bt[:, 1:].astype(jnp.float32)
+    choice) or their sum ("sum", the paper's MI estimate). log-softmax in float32.
+
+    response_len: when set, the masked tokens of every row must be contiguous and at most this many
+    (`response_window` computes it); the vocab projection then runs on those positions only instead of
+    all t, which is most of the step's memory and much of its FLOPs for long prompts and vocabularies.
+    """
+    t = tokens_bt.shape[1]
+    if response_len is None:
+        logits = forward(params, tokens_bt, config, mask_bt=attention_bt, **forward_kwargs)[:, :-1]
+        targets, mask = tokens_bt[:, 1:], loss_mask_bt[:, 1:]
+    else:
+        first = jnp.argmax(loss_mask_bt, axis=1)  # the first scored token of each row
+        target_idx = first[:, None] + jnp.arange(response_len)[None]
+        inside = target_idx < t
+        target_idx = jnp.minimum(target_idx, t - 1)
+        logits = forward(params, tokens_bt, config, mask_bt=attention_bt, logit_positions_bn=target_idx - 1,
+                         **forward_kwargs)
+        targets = jnp.take_along_axis(tokens_bt, target_idx, axis=1)
+        mask = jnp.take_along_axis(loss_mask_bt, target_idx, axis=1) * inside
+    logits = logits.astype(jnp.float32)
+    token_lp = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    mask = mask.astype(jnp.float32)
     total = jnp.sum(token_lp * mask, axis=-1)
     if reduce == "sum":
         return total
@@ -126,12 +144,19 @@ def sequence_logprobs(params, config: ModelConfig, tokens_bt, attention_bt, loss
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
+def response_window(loss_mask, multiple: int = 8) -> int:
+    """The `response_len` for a batch (host side): its longest scored span, rounded up to `multiple`."""
+    longest = int(np.asarray(loss_mask).sum(axis=-1).max(initial=1))
+    return -(-longest // multiple) * multiple
+
+
 def logprob_matrix(params, config: ModelConfig, tokens_qcct, attention_qcct, loss_mask_qcct, reduce: str = "mean",
-                   **forward_kwargs) -> jax.Array:
+                   response_len: int | None = None, **forward_kwargs) -> jax.Array:
     """M [q, c, c]: the per-sequence log-prob function vmapped over the (constitution k, response j) pairs."""
 
     def per_pair(tokens_qt, attention_qt, loss_qt):  # one (k, j) pair for every query -> [q]
-        return sequence_logprobs(params, config, tokens_qt, attention_qt, loss_qt, reduce, **forward_kwargs)
+        return sequence_logprobs(params, config, tokens_qt, attention_qt, loss_qt, reduce, response_len,
+                                 **forward_kwargs)
 
     over_j = jax.vmap(per_pair, in_axes=1, out_axes=1)  # [q, c, t] -> [q, c]
     over_k = jax.vmap(over_j, in_axes=1, out_axes=1)  # [q, c, c, t] -> [q, c, c]
@@ -154,11 +179,15 @@ def init_train_state(params, optim: OptimConfig) -> TrainState:
                       opt_state=make_optimizer(optim).init(params32))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "optim", "reduce", "remat", "compute_dtype", "sharder"),
-                   donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("config", "optim", "reduce", "remat", "compute_dtype", "sharder",
+                                             "response_len"), donate_argnums=0)
 def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelConfig, optim: OptimConfig,
-              reduce: str = "mean", remat: str = "none", compute_dtype=None, sharder=None):
+              reduce: str = "mean", remat: str = "none", compute_dtype=None, sharder=None,
+              response_len: int | None = None):
     """One optimizer update from A micro-batches: tokens/attention/loss_mask [A, q, c, c, t].
+
+    response_len: at least the longest response of the batch (`response_window(loss_mask)`); the vocab
+    projection then covers only the response tokens (see `sequence_logprobs`). None: every position.
 
     Gradients are accumulated over the micro-batches (a scan; the mean of their losses, i.e. true
     accumulation, not the authors' zero_grad-per-micro-step) and applied once. compute_dtype (e.g.
@@ -171,7 +200,7 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
     def loss_fn(p, tok, att, lm):
         if compute_dtype is not None:
             p = jax.tree.map(lambda x: x.astype(compute_dtype), p)
-        m = logprob_matrix(p, config, tok, att, lm, reduce, remat=remat, sharder=sharder)
+        m = logprob_matrix(p, config, tok, att, lm, reduce, response_len, remat=remat, sharder=sharder)
         terms = sami_loss_terms(m)
         return terms["loss"], terms
 
@@ -193,4 +222,9 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
     params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     updates, opt_state = make_optimizer(optim).update(grads, state.opt_state, params32)
     new_params = jax.tree.map(lambda p, u, old: (p + u).astype(old.dtype), params32, updates, params)
+    if sharder is not None:  # pin the outputs to the params' declared shardings, so the next step's inputs match
+        shardings = param_shardings(config, sharder)
+        new_params = jax.lax.with_sharding_constraint(new_params, shardings)
+        opt_state = optax.tree_utils.tree_map_params(make_optimizer(optim), jax.lax.with_sharding_constraint,
+                                                     opt_state, shardings)
     return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state), metrics

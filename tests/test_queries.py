@@ -7,7 +7,13 @@ import json
 import pytest
 from conftest import HH_TEST, SHARED, _require
 
-from sami_jax.data.queries import QueryDataError, bundled_queries, load_queries, split_queries
+from sami_jax.data.queries import (
+    QueryDataError,
+    bundled_queries,
+    load_queries,
+    load_queries_counted,
+    split_queries,
+)
 
 RESPONSES = SHARED / "data" / "sami" / "janphilippfranken_sami" / "experiments" / "tldr" / "results" / "responses"
 
@@ -91,6 +97,10 @@ def _hh(text):
      "auto", ':5: no "Human: " turn'),
     ([json.dumps({"query": "fine"}), json.dumps({"query": 3})], "jsonl", ':2: "query" is int'),
     ([json.dumps({"text": "x"})], "auto", ":1: cannot tell the kind"),
+    ([json.dumps({"query": "fine"}), json.dumps({"query": " \n\t "})], "jsonl", ":2: empty query"),
+    ([json.dumps({"post": "a post"})] * 2 + [json.dumps({"post": ""})], "tldr", ":3: empty query"),
+    ([_hh("\n\nHuman:   \n\nAssistant: hello")], "hh", ":1: empty query"),
+    (["[1, 2]"], "jsonl", ":1: expected a JSON object, got list"),
 ])
 def test_errors_name_file_and_line(tmp_path, lines, kind, message):
     path = tmp_path / "bad.jsonl"
@@ -124,3 +134,67 @@ def test_bundled_sets():
     assert not any(q.startswith(("Human:", "POST:")) for q in dialogue + post)
     with pytest.raises(ValueError, match="dialogue"):
         bundled_queries("tweets")
+
+
+def _mixed_lines():
+    """Four good queries (one repeated) among five malformed lines of every kind."""
+    return [
+        json.dumps({"query": "first"}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"query": "second"}),
+        json.dumps({"query": 3}),
+        json.dumps({"query": "   "}),
+        json.dumps({"other": "no query field"}),
+        json.dumps({"query": "first"}),
+        "",
+        json.dumps({"query": " third "}),
+    ]
+
+
+def test_skip_bad_lines_skips_and_counts(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(_mixed_lines()) + "\n")
+    with pytest.raises(QueryDataError, match=":2: not valid JSON"):
+        load_queries(path, kind="jsonl")  # default: the first bad line stops the load
+    assert load_queries(path, kind="jsonl", skip_bad_lines=True) == ["first", "second", "third"]
+    # 5 malformed lines; the repeat and the blank line are not malformed.
+    assert load_queries_counted(path, kind="jsonl", skip_bad_lines=True) == (["first", "second", "third"], 5)
+    assert load_queries_counted(path, kind="jsonl", skip_bad_lines=True, limit=1) == (["first"], 5)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"query": "only"}) + "\n")
+    assert load_queries_counted(good) == (["only"], 0)
+
+
+def test_skip_bad_lines_hh_and_detection(tmp_path):
+    lines = ["garbage", json.dumps({"text": "unknown fields"}), _hh("\n\nHuman: q1\n\nAssistant: a"),
+             _hh("\n\nAssistant: no human turn"), json.dumps({"rejected": "no chosen"}),
+             _hh("\n\nHuman: \n\nAssistant: empty turn"), _hh("\n\nHuman: q2\n\nAssistant: b")]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(QueryDataError, match=":1: not valid JSON"):
+        load_queries(path)
+    # Auto-detection looks past the malformed first lines to the first row with a known field ("chosen").
+    assert load_queries_counted(path, skip_bad_lines=True) == (["q1", "q2"], 5)
+
+
+def test_skip_bad_lines_response_file_entries(tmp_path):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps({"question": {"1": "POST: b", "0": "POST: a", "2": "no prefix", "3": "POST:   ",
+                                             "4": 5}}))
+    with pytest.raises(QueryDataError, match=r'question\[2\] does not start with "POST: "'):
+        load_queries(path)
+    assert load_queries_counted(path, skip_bad_lines=True) == (["a", "b"], 3)
+    path.write_text(json.dumps({"question": "not an object"}))  # whole-file problems still raise
+    with pytest.raises(QueryDataError, match='no "question" object'):
+        load_queries(path, skip_bad_lines=True)
+
+
+def test_skip_bad_lines_all_bad_is_still_an_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("{nope\n" + json.dumps({"query": ""}) + "\n")
+    with pytest.raises(QueryDataError, match=r"no queries \(2 malformed skipped, first: .*bad.jsonl:1: not valid"):
+        load_queries(path, kind="jsonl", skip_bad_lines=True)
+    path.write_text("{nope\n" + json.dumps({"text": "no known field"}) + "\n")
+    with pytest.raises(QueryDataError, match="cannot tell the kind: no line has"):
+        load_queries(path, skip_bad_lines=True)

@@ -8,7 +8,7 @@ import tiny
 import torch
 
 import sami_jax
-from sami_jax.sami import build_pair_batch, logprob_matrix, sami_loss, sami_loss_terms
+from sami_jax.sami import build_pair_batch, logprob_matrix, response_window, sami_loss, sami_loss_terms
 
 # ../shared/reference/sami-method.md §2.1: M (rows = constitutions) -> L_row, L_col, L.
 PAPER_VECTORS = [
@@ -75,14 +75,17 @@ def test_logprob_matrix_matches_hf(llama):
                     logp = torch.log_softmax(hf(torch.tensor([p + r])).logits[0].double(), -1)
                 lp = [logp[len(p) - 1 + n, tok].item() for n, tok in enumerate(r)]
                 ref_mean[i, k, j], ref_sum[i, k, j] = np.mean(lp), np.sum(lp)
-    fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce"))
-    ours = fn(model.params, model.config, tokens, attention, loss_mask)
-    np.testing.assert_allclose(ours, ref_mean, atol=1e-5)
-    np.testing.assert_allclose(fn(model.params, model.config, tokens, attention, loss_mask, reduce="sum"), ref_sum,
-                               atol=1e-4)
+    fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len"))
+    # Every position projected to the vocabulary, or only a window over the responses (the training path).
+    for window in (None, response_window(loss_mask, multiple=1), 16):
+        ours = fn(model.params, model.config, tokens, attention, loss_mask, response_len=window)
+        np.testing.assert_allclose(ours, ref_mean, atol=1e-5)
+        np.testing.assert_allclose(fn(model.params, model.config, tokens, attention, loss_mask, reduce="sum",
+                                      response_len=window), ref_sum, atol=1e-4)
 
     # Gradients flow through every entry (diagonal and off-diagonal) into the params.
-    grads = jax.grad(lambda p: sami_loss(logprob_matrix(p, model.config, tokens, attention, loss_mask)))(model.params)
+    grads = jax.grad(lambda p: sami_loss(logprob_matrix(p, model.config, tokens, attention, loss_mask,
+                                                        response_len=response_window(loss_mask))))(model.params)
     norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and min(norms) > 0
 

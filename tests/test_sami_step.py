@@ -8,10 +8,12 @@ import pytest
 import tiny
 import torch
 import transformers
+from jax.sharding import PartitionSpec as P
 
 import sami_jax
 from sami_jax.optim import OptimConfig, make_optimizer, make_schedule
 from sami_jax.sami import init_train_state, sami_step
+from sami_jax.sharding import make_mesh
 
 
 def test_linear_schedule_is_hfs_with_one_warmup_step():
@@ -77,16 +79,39 @@ def _batch(q, seed=0, c=2, t=16):
 
 
 def test_accumulation_equals_one_big_batch(model):
+    """4 accumulated micro-batches of 1 query == 1 batch of 4 queries."""
     # A large eps keeps Adam's first update linear in tiny gradients, so float noise cannot flip it.
     optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant", eps=1e-3)
-    tokens, att, lm = _batch(2)
-    two = sami_step(init_train_state(model.params, optim), *(x.reshape(2, 1, *x.shape[1:]) for x in (tokens, att, lm)),
-                    config=model.config, optim=optim)
+    tokens, att, lm = _batch(4)
+    four = sami_step(init_train_state(model.params, optim),
+                     *(x.reshape(4, 1, *x.shape[1:]) for x in (tokens, att, lm)), config=model.config, optim=optim)
     one = sami_step(init_train_state(model.params, optim), tokens[None], att[None], lm[None],
                     config=model.config, optim=optim)
-    np.testing.assert_allclose(two[1]["grad_norm"], one[1]["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(two[0].params), jax.tree.leaves(one[0].params), strict=True):
+    np.testing.assert_allclose(four[1]["grad_norm"], one[1]["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(four[1]["loss"], one[1]["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(four[0].params), jax.tree.leaves(one[0].params), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_sharded_step_equals_single_device(model, tmp_path_factory):
+    """The step on a 2 (fsdp) x 4 (tensor) mesh of 8 CPU devices, batch sharded, equals one device."""
+    optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant", clip_norm=1.0)
+    tokens, att, lm = (x.reshape(2, 2, *x.shape[1:]) for x in _batch(4, seed=2))
+    single, single_metrics = sami_step(init_train_state(model.params, optim), tokens, att, lm,
+                                       config=model.config, optim=optim)
+    mesh = make_mesh({"fsdp": 2, "tensor": 4})
+    sharded_model = sami_jax.load_model(tiny.save(tiny.hf_model("llama_kv2"), tmp_path_factory.mktemp("s")), mesh=mesh)
+    sharder = sharded_model.sharder
+    assert sharded_model.params["layers"]["self_attn"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
+    batch_sharding = sharder.sharding(tokens.shape, (None, "batch", None, None, None))
+    arrays = [jax.device_put(x, batch_sharding) for x in (tokens, att, lm)]
+    state, metrics = sami_step(init_train_state(sharded_model.params, optim), *arrays, config=model.config,
+                               optim=optim, sharder=sharder)
+    q_proj = state.params["layers"]["self_attn"]["q_proj"]
+    assert q_proj.sharding.is_equivalent_to(sharded_model.params["layers"]["self_attn"]["q_proj"].sharding, 4)
+    np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_steps_raise_mutual_information(model):

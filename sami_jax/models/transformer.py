@@ -82,13 +82,15 @@ def _embed(params, tokens_bt, sharder: Sharder | None) -> jax.Array:
 
 def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.Array | None = None,
             positions_bt: jax.Array | None = None, remat: str = "none", moe_impl: str = "dropless",
-            sharder: Sharder | None = None) -> jax.Array:
-    """Logits float32 [b, t, v] for token ids [b, t].
+            sharder: Sharder | None = None, logit_positions_bn: jax.Array | None = None) -> jax.Array:
+    """Logits float32 [b, t, v] for token ids [b, t] ([b, n, v] with logit_positions_bn).
 
     mask_bt: 1 for real tokens, 0 for padding (left or right); padding keys are never attended.
     positions_bt: RoPE positions; by default counted over real tokens (`positions_from_mask`).
     remat: a key of REMAT_POLICIES. moe_impl: "dropless" (grouped matmuls) or "dense" (reference).
     Params may be float32 or bfloat16; activations follow the params' dtype, logits are float32.
+    logit_positions_bn: the vocab projection only at these positions of each row (e.g. the response
+    tokens of a scored sequence), which saves its FLOPs and the [b, t, v] buffer everywhere else.
     """
     b, t = tokens_bt.shape
     mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
@@ -110,6 +112,8 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     x, _ = jax.lax.scan(lambda x, p: (body(x, p), None), x, params["layers"])
+    if logit_positions_bn is not None:
+        x = jnp.take_along_axis(x, logit_positions_bn[..., None], axis=1)
     return _logits(params, x, config, sharder)
 
 

@@ -1,0 +1,471 @@
+"""The SAMI iterative loop (sami-method.md §4), resumable at any point.
+
+For t = 1..N: sample one response per (query, constitution) with pi_{t-1} (pi_0 = the base model) on the
+task's generation prompt, post-process and filter (§3); restart from the base weights and train
+steps(t) SAMI steps on the filtered pairs (training prompts with the principle order reshuffled per
+constitution, §3.7); checkpoint; evaluate pi_t on held-out queries: the paper's MI estimate (§2.3,
+summed log-probs over K constitutions) and the response length per constitution. Iteration 0 is the
+base model's evaluation.
+
+Workdir layout (everything a rerun needs to continue where a killed run stopped):
+    config.json                 the resolved config
+    checkpoints/                orbax: train state (params, optimizer, step) + meta (iteration, step, data position)
+    iterations/<t>/data.jsonl   iteration t's filtered training pairs (written once, atomically)
+    iterations/<t>/eval.json    pi_t's held-out evaluation (t = 0: the base model)
+    metrics.jsonl, tensorboard/ per-step and per-iteration metrics
+    report/report.md            Markdown report with PNG plots (rewritten after every iteration)
+
+Everything random is seeded from `config.seed` and the iteration, so a resumed run computes exactly
+what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from tqdm.auto import tqdm
+
+from sami_jax.api import Model, load_model
+from sami_jax.checkpoints import CheckpointError
+from sami_jax.checkpoints.manager import PreemptionGuard, RunCheckpointer
+from sami_jax.data.constitutions import load_constitutions, shuffle_principles
+from sami_jax.data.queries import bundled_queries, load_queries_counted, split_queries
+from sami_jax.data.tasks import get_task
+from sami_jax.models.config import ModelConfig
+from sami_jax.models.params import init_params, num_params
+from sami_jax.optim import OptimConfig
+from sami_jax.perf import peak_flops, train_flops_per_token
+from sami_jax.report import MetricsWriter, read_metrics, write_report
+from sami_jax.run_config import steps_for, validate
+from sami_jax.sami import build_pair_batch, init_train_state, logprob_matrix, response_window, sami_step
+from sami_jax.sampling import Sampler, SamplingParams
+from sami_jax.sharding import Sharder, make_mesh, param_shardings
+from sami_jax.tokenizer import load_tokenizer
+
+log = logging.getLogger("sami_jax")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, no usable data); the message says what was kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the state is saved and the same command resumes."""
+
+
+@dataclasses.dataclass
+class Query:
+    text: str
+    subset: str | None
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def load_base_model(config, mesh) -> Model:
+    """The base policy pi_BASE on `mesh`, params in config.model.param_dtype."""
+    dtype = jnp.dtype(config.model.param_dtype)
+    path = config.model.path
+    if path == "smollm2-135m-instruct":
+        from sami_jax.demo import smollm2_gguf
+
+        path = str(smollm2_gguf())
+    if path == "random":
+        tok_path = config.model.tokenizer
+        if tok_path == "smollm2-135m-instruct":
+            from sami_jax.demo import smollm2_gguf
+
+            tok_path = str(smollm2_gguf())
+        if not tok_path:
+            raise ValueError("config.model.path = 'random' needs config.model.tokenizer (a tokenizer path)")
+        tokenizer = load_tokenizer(tok_path)
+        r = config.model.random
+        model_config = ModelConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=r.hidden_size, intermediate_size=r.intermediate_size,
+            num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads, head_dim=r.head_dim,
+            max_position_embeddings=r.max_position_embeddings, tie_word_embeddings=r.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_id, eos_token_ids=tuple(tokenizer.eos_ids), pad_token_id=tokenizer.pad_id)
+        sharder = Sharder.create(mesh)
+        params = init_params(model_config, jax.random.key(config.seed), dtype, param_shardings(model_config, sharder))
+        return Model(model_config, params, tokenizer, sharder)
+    model = load_model(path, dtype=dtype, mesh=mesh)
+    if config.model.tokenizer:
+        model.tokenizer = load_tokenizer(config.model.tokenizer)
+    if model.tokenizer is None:
+        raise ValueError(f"{path}: the model has no tokenizer; set config.model.tokenizer")
+    return model
+
+
+def _source_queries(src: dict, skip_bad_lines: bool) -> tuple[list[Query], int]:
+    path = src["path"]
+    if path.startswith("bundled:"):
+        texts, bad = bundled_queries(path.split(":", 1)[1]), 0
+    else:
+        texts, bad = load_queries_counted(path, kind=src.get("kind") or "auto", skip_bad_lines=skip_bad_lines)
+    if src.get("limit"):
+        texts = texts[: src["limit"]]
+    return [Query(t, src.get("subset")) for t in texts], bad
+
+
+def load_data(config) -> tuple[list[Query], list[Query], dict[str, int]]:
+    """(train pool, held-out queries, counts). The pool is shuffled with the run's seed."""
+    counts = {"bad_lines": 0}
+    pool: list[Query] = []
+    for src in config.data.sources:
+        qs, bad = _source_queries(dict(src), config.data.skip_bad_lines)
+        pool += qs
+        counts["bad_lines"] += bad
+    if config.data.eval_sources:
+        held: list[Query] = []
+        for src in config.data.eval_sources:
+            qs, bad = _source_queries(dict(src), config.data.skip_bad_lines)
+            held += qs
+            counts["bad_lines"] += bad
+        order = np.random.default_rng(config.seed).permutation(len(pool))
+        pool = [pool[i] for i in order]
+    else:
+        pool, held = split_queries(pool, config.data.held_out, config.seed)
+    return pool, held, counts
+
+
+def fingerprint(model_config: ModelConfig) -> dict:
+    c = model_config
+    return {"architecture": c.architecture, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+            "num_layers": c.num_layers, "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
+            "num_experts": c.num_experts, "num_params": num_params(c)}
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+# ------------------------------------------------------------------------------------------------ runner
+class Runner:
+    """One SAMI run in one workdir. `run()` does (or finishes) every iteration and writes the report."""
+
+    def __init__(self, config, workdir: str | os.PathLike):
+        validate(config)
+        self.config = config
+        self.workdir = epath.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.primary = jax.process_index() == 0
+        self.mesh = make_mesh(dict(config.mesh))
+        self.base = load_base_model(config, self.mesh)
+        self.tokenizer = self.base.tokenizer
+        self.task = get_task(config.task)
+        self.scheme = load_constitutions(config.constitutions)
+        self.pool, self.held_out, self.data_counts = load_data(config)
+        self.ckpt = RunCheckpointer(self.workdir / "checkpoints", keep=config.checkpoint.keep,
+                                    async_save=config.checkpoint.async_save, fingerprint=fingerprint(self.base.config))
+        if self.primary:
+            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        self.writer = MetricsWriter(self.workdir, enabled=self.primary)
+        self.sampler = Sampler(self.base, chunk=16)
+        self.optim = OptimConfig(**dict(config.optim))
+        compute = config.model.compute_dtype
+        self.compute_dtype = jnp.dtype(compute) if compute and compute != config.model.param_dtype else None
+        self.batch_sharding = Sharder.create(self.mesh)
+        self._score_fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len"))
+        self.peak = peak_flops(jax.devices()[0])
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    # ---------------------------------------------------------------------------------------- paths
+    def _iter_dir(self, t: int) -> epath.Path:
+        d = self.workdir / "iterations" / str(t)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _cum_steps(self, t: int) -> int:
+        """Global optimizer steps after iteration t (the checkpoint numbering)."""
+        return sum(steps_for(self.config, i) for i in range(1, t + 1))
+
+    # ---------------------------------------------------------------------------------------- sampling
+    def _generate(self, params, prompts: Sequence[str], max_new_tokens: int, desc: str, guard) -> list[str]:
+        """Post-processed responses to `prompts` from the policy `params`, batch by batch."""
+        cfg = self.config.sampling
+        sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p if cfg.temperature > 0 else 1.0, stop=self.task.stop_strings,
+                            seed=self.config.seed)
+        self.sampler.params = params
+        out: list[str] = []
+        bs = cfg.batch_size
+        with tqdm(total=len(prompts), desc=desc, unit="seq", disable=not self.primary) as bar:
+            for lo in range(0, len(prompts), bs):
+                if guard.should_stop():
+                    raise Preempted(f"during {desc}")
+                gens = self.sampler.generate(list(prompts[lo:lo + bs]), sp, batch_size=bs)
+                out += [self.task.postprocess(g.text) for g in gens]
+                bar.update(len(gens))
+        return out
+
+    def _fits(self, prompt: str) -> bool:
+        return len(self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos_default)) <= \
+            self.config.data.max_prompt_len
+
+    def sample_iteration(self, t: int, params, guard) -> tuple[list[dict], dict[str, int]]:
+        """Iteration t's training pairs: sampled with `params` (pi_{t-1}), filtered, principles shuffled."""
+        cfg = self.config
+        need = steps_for(cfg, t) * cfg.train.batch_size
+        pool = self.pool
+        if cfg.data.alternate_splits:
+            half = len(pool) // 2
+            pool = pool[:half] if t % 2 else pool[half:]
+        rng = random.Random(f"{cfg.seed}-constitutions-{t}")
+        records, counts = [], {"kept": 0, "dropped": 0, "too_long": 0}
+        cursor = 0
+        while len(records) < need and cursor < len(pool):
+            want = math.ceil((need - len(records)) * cfg.sampling.oversample)
+            chunk = []
+            while len(chunk) < want and cursor < len(pool):
+                q = pool[cursor]
+                cursor += 1
+                cons = list(self.scheme.training_pair(rng, q.subset))
+                prompts = [self.task.generation_prompt(c, q.text) for c in cons]
+                if not all(self._fits(p) for p in prompts):
+                    counts["too_long"] += 1
+                    continue
+                chunk.append((q, cons, prompts))
+            flat = [p for _, _, prompts in chunk for p in prompts]
+            responses = self._generate(params, flat, cfg.sampling.max_new_tokens, f"iteration {t}: sampling", guard)
+            for i, (q, cons, _) in enumerate(chunk):
+                ys = responses[2 * i: 2 * i + 2]
+                if not self.task.keep_pair(ys):
+                    counts["dropped"] += 1
+                    continue
+                counts["kept"] += 1
+                records.append({"query": q.text, "subset": q.subset, "constitutions": cons, "responses": ys,
+                                "train_prompts": [self.task.training_prompt(shuffle_principles(c, rng), q.text)
+                                                  for c in cons]})
+        if not records:
+            raise TrainingError(f"iteration {t}: every sampled pair was filtered out ({counts}); nothing to train on")
+        if len(records) < need:
+            log.warning("iteration %d: %d pairs survived the filters, %d are needed; they are reused in order",
+                        t, len(records), need)
+        records = records[:need]
+        random.Random(f"{cfg.seed}-order-{t}").shuffle(records)
+        counts["pool_used"] = cursor
+        return records, counts
+
+    def iteration_data(self, t: int, params_fn: Callable[[], Any], guard) -> list[dict]:
+        path = self._iter_dir(t) / "data.jsonl"
+        if path.exists():
+            return [json.loads(line) for line in path.read_text().splitlines()]
+        records, counts = self.sample_iteration(t, params_fn(), guard)
+        if self.primary:
+            _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+            (self._iter_dir(t) / "sampling.json").write_text(json.dumps(counts))
+        self.writer.write(self._cum_steps(t - 1), {f"sample/{k}": v for k, v in counts.items()}, iteration=t)
+        return records
+
+    # ---------------------------------------------------------------------------------------- training
+    def _step_batch(self, records: list[dict], step: int, seq_len: int, response_len: int):
+        cfg = self.config.train
+        b = cfg.batch_size
+        rows = [records[(step * b + i) % len(records)] for i in range(b)]
+        batch = build_pair_batch(self.tokenizer, [r["train_prompts"] for r in rows], [r["responses"] for r in rows],
+                                 keep_eos=cfg.keep_eos, pad_to_multiple=seq_len)
+        assert batch.tokens.shape[-1] == seq_len and response_window(batch.loss_mask, 1) <= response_len
+        a = b // cfg.micro_batch_size
+        arrays = [x.reshape(a, cfg.micro_batch_size, *x.shape[1:]) for x in
+                  (batch.tokens, batch.attention, batch.loss_mask)]
+        sharding = self.batch_sharding.sharding(arrays[0].shape, (None, "batch", None, None, None))
+        return [jax.device_put(x, sharding) for x in arrays], int(batch.attention.sum())
+
+    def _lengths(self, records: list[dict]) -> tuple[int, int]:
+        """(sequence length, response window) of an iteration's steps: one compile per iteration."""
+        eos = int(self.config.train.keep_eos)
+        prompt = max(len(self.tokenizer.encode(p, add_bos=self.tokenizer.add_bos_default))
+                     for r in records for p in r["train_prompts"])
+        response = max(len(self.tokenizer.encode(y)) + eos for r in records for y in r["responses"])
+        m = self.config.train.seq_multiple
+        return -(-(prompt + response) // m) * m, -(-response // 16) * 16
+
+    def train_iteration(self, t: int, records: list[dict], guard):
+        """Trains pi_t from the base weights (or from this iteration's last checkpoint); returns its params."""
+        cfg = self.config
+        n_steps = steps_for(cfg, t)
+        first, last = self._cum_steps(t - 1), self._cum_steps(t)
+        state = init_train_state(self.base.params, self.optim)
+        latest = self.ckpt.latest_step()
+        if latest is not None and latest > first:
+            state, meta = self.ckpt.restore(latest, state)
+            log.info("iteration %d: resumed at step %d of %d", t, meta["step"], n_steps)
+        start = int(state.step)
+        if start >= n_steps:
+            return state.params
+        seq_len, response_len = self._lengths(records)
+        kwargs = dict(config=self.base.config, optim=self.optim, reduce=cfg.train.reduce, remat=cfg.train.remat,
+                      compute_dtype=self.compute_dtype, sharder=self.batch_sharding, response_len=response_len)
+        arrays, _ = self._step_batch(records, start, seq_len, response_len)
+        t0 = time.perf_counter()
+        step_fn = sami_step.lower(state, *arrays, **kwargs).compile()
+        compile_s = time.perf_counter() - t0
+        flops_per_token = train_flops_per_token(self.base.config, seq_len)
+        every = cfg.checkpoint.every_steps
+        with tqdm(total=n_steps, initial=start, desc=f"iteration {t}: training", unit="step",
+                  disable=not self.primary) as bar:
+            for s in range(start, n_steps):
+                arrays, real_tokens = self._step_batch(records, s, seq_len, response_len)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, *arrays)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    self.ckpt.wait()
+                    kept = self.ckpt.latest_step()
+                    raise TrainingError(
+                        f"iteration {t}, step {s + 1}: non-finite metrics {metrics}; stopped without saving. The "
+                        f"last good checkpoint ({'none' if kept is None else f'step {kept}'}) in "
+                        f"{self.workdir / 'checkpoints'} is intact; lower optim.learning_rate or check the data.")
+                metrics["tokens_per_s"] = real_tokens / dt
+                if self.peak:
+                    metrics["mfu"] = flops_per_token * arrays[0].size / dt / self.peak
+                if s == start:
+                    metrics["compile_s"] = compile_s
+                g = first + s + 1
+                self.writer.write(g, {f"train/{k}": v for k, v in metrics.items()}, iteration=t)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['row_accuracy']:.2f}")
+                bar.update(1)
+                done = s + 1 == n_steps
+                stop = guard.should_stop()
+                if done or stop or (every and (s + 1) % every == 0):
+                    self.ckpt.save(g, state, {"iteration": t, "step": s + 1, "global_step": g,
+                                              "data_position": (s + 1) * cfg.train.batch_size,
+                                              "seed": cfg.seed}, force=done or stop)
+                if stop and not done:
+                    self.ckpt.wait()
+                    raise Preempted(f"iteration {t} at step {s + 1} of {n_steps}; checkpoint {g} saved")
+        self.ckpt.wait()
+        assert self.ckpt.latest_step() == last
+        return state.params
+
+    def params_after(self, t: int):
+        """pi_t's params: the base for t = 0, else the checkpoint that ends iteration t."""
+        if t == 0:
+            return self.base.params
+        target = init_train_state(self.base.params, self.optim)
+        step = self._cum_steps(t)
+        if step not in self.ckpt.all_steps():
+            raise CheckpointError(f"{self.workdir / 'checkpoints'}: the checkpoint ending iteration {t} (step {step}) "
+                                  "is missing; delete iterations/ past it or start a new --workdir")
+        return self.ckpt.restore(step, target)[0].params
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, t: int, params, guard, extra: dict | None = None) -> dict:
+        """pi_t on the held-out queries: MI estimate (§2.3) and response length per constitution. `extra`
+        (the iteration's sampling counts and steps) is stored with the result for the report."""
+        path = self._iter_dir(t) / "eval.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        cfg = self.config
+        rng = random.Random(f"{cfg.seed}-eval")  # the same constitutions at every iteration
+        queries, cons, too_long = [], [], 0
+        for q in self.held_out:
+            cs = self.scheme.mi_constitutions(rng)
+            if all(self._fits(self.task.generation_prompt(c, q.text)) for c in cs):
+                queries.append(q)
+                cons.append(cs)
+            else:
+                too_long += 1
+        if not queries:
+            raise TrainingError(f"every held-out query's prompt exceeds data.max_prompt_len ({too_long} queries)")
+        k = len(cons[0])
+        prompts = [self.task.generation_prompt(c, q.text) for q, cs in zip(queries, cons, strict=True) for c in cs]
+        flat = self._generate(params, prompts, cfg.eval.max_new_tokens, f"iteration {t}: evaluation", guard)
+        responses = [flat[i * k:(i + 1) * k] for i in range(len(queries))]
+        m = self.score(params, [[self.task.training_prompt(c, q.text) for c in cs]
+                                for q, cs in zip(queries, cons, strict=True)], responses)
+        # MI_i,j = log p(y_j | c_j, x_i) - mean_k log p(y_j | c_k, x_i), averaged over targets j, then queries.
+        mi_q = np.mean(np.diagonal(m, axis1=1, axis2=2) - m.mean(axis=1), axis=1)
+        labels = self.scheme.mi_labels() if hasattr(self.scheme, "mi_labels") else [f"c{j}" for j in range(k)]
+        lengths = np.array([[len(self.tokenizer.encode(y)) for y in ys] for ys in responses], float)
+        sem = (lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0)
+        result = {
+            "iteration": t, "mi": float(mi_q.mean()), "mi_sem": sem(mi_q), "n_eval": len(queries),
+            "skipped_too_long": too_long,
+            "lengths": {lab: float(lengths[:, j].mean()) for j, lab in enumerate(labels)},
+            "length_sems": {lab: sem(lengths[:, j]) for j, lab in enumerate(labels)},
+            "empty_responses": int((lengths == 0).sum()),
+            "examples": [{"query": q.text, "constitution_label": labels[j], "response": responses[i][j]}
+                         for i, q in enumerate(queries[: cfg.eval.examples]) for j in range(k)],
+            **(extra or {}),
+        }
+        log.info("iteration %d: held-out MI %.4f +- %.4f over %d queries", t, result["mi"], result["mi_sem"],
+                 len(queries))
+        if self.primary:
+            _write_atomic(path, json.dumps(result, indent=1))
+        self.writer.write(self._cum_steps(t), {"eval/mi": result["mi"], **{
+            f"eval/length/{lab}": v for lab, v in result["lengths"].items()}}, iteration=t)
+        return result
+
+    def score(self, params, prompts: list[list[str]], responses: list[list[str]]) -> np.ndarray:
+        """M[q, k, j] = summed log p(responses[q][j] | prompts[q][k]) (empty responses score 0)."""
+        bs = self.config.eval.batch_size
+        out = []
+        for lo in range(0, len(prompts), bs):
+            ps, ys = prompts[lo:lo + bs], responses[lo:lo + bs]
+            pad = bs - len(ps)
+            ys_safe = [[y if y else " " for y in row] for row in ys]  # a placeholder token, masked out below
+            batch = build_pair_batch(self.tokenizer, ps + ps[:1] * pad, ys_safe + ys_safe[:1] * pad,
+                                     pad_to_multiple=self.config.train.seq_multiple)
+            m = np.asarray(self._score_fn(params, self.base.config, batch.tokens, batch.attention, batch.loss_mask,
+                                          reduce="sum", response_len=response_window(batch.loss_mask, 32)))[: len(ps)]
+            empty = np.array([[not y for y in row] for row in ys])
+            out.append(np.where(empty[:, None, :], 0.0, m))
+        return np.concatenate(out)
+
+    # ---------------------------------------------------------------------------------------- the loop
+    def run(self) -> pathlib.Path:
+        cfg = self.config
+        evals = []
+        with PreemptionGuard() as guard:
+            try:
+                evals.append(self.evaluate(0, self.base.params, guard))
+                for t in range(1, cfg.train.iterations + 1):
+                    eval_path = self._iter_dir(t) / "eval.json"
+                    if eval_path.exists():
+                        evals.append(json.loads(eval_path.read_text()))
+                        continue
+                    records = self.iteration_data(t, lambda t=t: self.params_after(t - 1), guard)
+                    log.info("iteration %d: %d training pairs", t, len(records))
+                    params = self.train_iteration(t, records, guard)
+                    sampling = self._iter_dir(t) / "sampling.json"
+                    counts = json.loads(sampling.read_text()) if sampling.exists() else {}
+                    evals.append(self.evaluate(t, params, guard, {
+                        "kept": counts.get("kept"), "dropped": counts.get("dropped"), "steps": steps_for(cfg, t)}))
+                    self.write_report(evals)
+            finally:
+                self.ckpt.wait()
+        self.writer.close()
+        self.ckpt.close()
+        return self.write_report(evals)
+
+    def write_report(self, evals: list[dict]) -> pathlib.Path:
+        cfg = self.config
+        info = {"model": cfg.model.path, "task": cfg.task, "constitutions": cfg.constitutions,
+                "settings": cfg.settings, "iterations": cfg.train.iterations,
+                "batch size (queries)": cfg.train.batch_size,
+                "optimizer": f"{cfg.optim.name} lr {cfg.optim.learning_rate}",
+                "train pool / held-out queries": f"{len(self.pool)} / {len(self.held_out)}",
+                "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "started": self.started}
+        metrics = read_metrics(self.workdir / "metrics.jsonl") if (self.workdir / "metrics.jsonl").exists() else []
+        return write_report(self.workdir, title=f"SAMI run: {cfg.model.path} on {cfg.task}", run_info=info,
+                            iterations=evals, metrics=metrics)
+
+
+def run(config, workdir) -> pathlib.Path:
+    """Runs (or resumes) SAMI in `workdir`; returns the report's path. Raises Preempted on SIGTERM."""
+    return Runner(config, workdir).run()
