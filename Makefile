@@ -32,7 +32,7 @@ lint: install-test
 	$(VENV)/bin/ruff check .
 
 demo: install-test
-	$(PY) -m sami_jax.demo
+	$(PY) -m sami_jax.demo --workdir=workdir/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

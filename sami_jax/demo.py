@@ -1,20 +1,19 @@
-"""`make demo`: what runs today on a CPU with the real SmolLM2-135M-Instruct (GGUF).
+"""`make demo`: SAMI on the real SmolLM2-135M-Instruct (GGUF) on a CPU, with the bundled example queries.
 
-Loads the model through our GGUF import, checks its parameter count, and answers chat prompts
-greedily with the KV-cache sampler. The SAMI training job (`python -m sami_jax.main`) replaces
-this demo when it lands (issue 4).
+Runs `configs/smollm2_hh.py:demo` (one iteration of 4 steps; the paper's HH constitutions) in
+`--workdir` (default workdir/demo), then prints the held-out MI estimate and response lengths before
+and after, and the report's path. Rerunning with the same workdir resumes (or, when finished, only
+reprints the summary); delete the workdir to start over.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import pathlib
 import sys
-import time
 
-import jax
-
-QUESTIONS = ["What is the capital of France?", "Give me one tip for staying focused while studying."]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def smollm2_gguf() -> pathlib.Path:
@@ -26,25 +25,19 @@ def smollm2_gguf() -> pathlib.Path:
 
 
 def main() -> None:
-    import sami_jax
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="workdir/demo")
+    args = parser.parse_args()
+    smollm2_gguf()  # a clear message before anything heavy if the model is missing
+    from sami_jax.run_config import load_config_file
+    from sami_jax.train import run, summary
 
-    path = smollm2_gguf()
-    start = time.perf_counter()
-    model = sami_jax.load_model(path)
-    jax.block_until_ready(model.params)
-    print(f"loaded {path.name}: {sami_jax.num_params(model.config):,} parameters, "
-          f"{model.config.num_layers} layers, in {time.perf_counter() - start:.1f}s on {jax.devices()[0].platform}")
-    from sami_jax.generate import apply_chat_template
-    from sami_jax.sampling import Sampler, SamplingParams
-
-    sampler = Sampler(model)
-    prompts = [apply_chat_template(model.tokenizer.chat_template, q) for q in QUESTIONS]
-    results = sampler.generate(prompts, SamplingParams(max_new_tokens=48))
-    for q, r in zip(QUESTIONS, results, strict=True):
-        print(f"\nuser: {q}\nassistant: {r.text.strip()}  [{r.length} tokens, {r.finish_reason}]")
-    s = sampler.stats
-    print(f"\n{s['new_tokens']} new tokens at {s['new_tokens'] / s['run_s']:.1f} tokens/s "
-          f"after {s['compile_s']:.1f}s of compilation")
+    config = load_config_file(ROOT / "configs" / "smollm2_hh.py", "demo")
+    workdir = pathlib.Path(args.workdir)
+    report = run(config, workdir)
+    print("\nheld-out evaluation (MI: the paper's estimate, summed log-probs over K = 4 constitutions)")
+    print(summary(workdir))
+    print(f"\nreport: {report}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def main(argv) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
-    from sami_jax.train import Preempted, TrainingError, run
+    from sami_jax.train import Preempted, TrainingError, run, summary
 
     try:
         report = run(_CONFIG.value, _WORKDIR.value)
@@ -41,6 +41,7 @@ def main(argv) -> None:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    print(summary(_WORKDIR.value))
     print(f"report: {report}")
 
 

@@ -40,9 +40,13 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 2.0 * matmul_params_per_token(config) + attention
 
 
-def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """FLOPs of one forward and backward pass per token of a sequence of seq_len tokens."""
-    return 3.0 * forward_flops_per_token(config, seq_len)
+def train_flops(config: ModelConfig, tokens: int, seq_len: int, logit_tokens: int | None = None) -> float:
+    """FLOPs of a forward and backward pass over `tokens` tokens in sequences of seq_len, of which only
+    `logit_tokens` (default: all) need the vocabulary projection: SAMI scores the response tokens only,
+    so the prompt's projection is not useful work and is not counted (for us or for a reference)."""
+    logit_tokens = tokens if logit_tokens is None else logit_tokens
+    head = 2.0 * config.vocab_size * config.hidden_size
+    return 3.0 * (forward_flops_per_token(config, seq_len) * tokens - head * (tokens - logit_tokens))
 
 
 def peak_flops(device) -> float | None:

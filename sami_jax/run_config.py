@@ -17,6 +17,9 @@ path is a local or gs:// file (HH-RLHF jsonl.gz, TL;DR jsonl or response-file js
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 SETTINGS = ("paper", "as_run")
@@ -64,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.reduce = "mean"  # per-sequence log-prob: "mean" over response tokens (the authors) or "sum"
     c.train.keep_eos = False  # the authors never scored the EOS
     c.train.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    c.train.attention = "auto"  # "einsum" | "cudnn" (flash, NVIDIA GPUs) | "auto": cudnn on a GPU with bf16 compute
     c.train.seq_multiple = 128  # sequences are padded to a multiple of this (fewer compiles)
 
     c.optim = ml_collections.ConfigDict(dict(name="adamw", learning_rate=5e-7, weight_decay=0.01, clip_norm=1.0,
@@ -93,6 +97,8 @@ def validate(config) -> None:
     if t.batch_size % t.micro_batch_size:
         raise ValueError(f"config.train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size "
                          f"({t.micro_batch_size})")
+    if t.attention not in ("auto", "einsum", "cudnn"):
+        raise ValueError(f"config.train.attention must be auto, einsum or cudnn, got {t.attention!r}")
     if t.reduce not in ("mean", "sum"):
         raise ValueError(f"config.train.reduce must be 'mean' or 'sum', got {t.reduce!r}")
     if config.model.param_dtype not in ("float32", "bfloat16"):
@@ -147,3 +153,14 @@ def paper_config(optimizer: str, settings: str, *, lr_as_run: float = 5e-7, bf16
         c.optim.update(name=optimizer, learning_rate=lr_as_run, weight_decay=wd, clip_norm=1.0, schedule="linear",
                        warmup_steps=1, total_steps=15)
     return c
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None):
+    """get_config(arg) of a config file, as `--config=path:arg` would give it (locked)."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"sami_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    config.lock()
+    return config

@@ -180,14 +180,15 @@ def init_train_state(params, optim: OptimConfig) -> TrainState:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optim", "reduce", "remat", "compute_dtype", "sharder",
-                                             "response_len"), donate_argnums=0)
+                                             "response_len", "attention_impl"), donate_argnums=0)
 def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelConfig, optim: OptimConfig,
               reduce: str = "mean", remat: str = "none", compute_dtype=None, sharder=None,
-              response_len: int | None = None):
+              response_len: int | None = None, attention_impl: str = "einsum"):
     """One optimizer update from A micro-batches: tokens/attention/loss_mask [A, q, c, c, t].
 
     response_len: at least the longest response of the batch (`response_window(loss_mask)`); the vocab
     projection then covers only the response tokens (see `sequence_logprobs`). None: every position.
+    attention_impl: "einsum" or "cudnn" (flash attention; GPU, bf16 compute), see `models.transformer.forward`.
 
     Gradients are accumulated over the micro-batches (a scan; the mean of their losses, i.e. true
     accumulation, not the authors' zero_grad-per-micro-step) and applied once. compute_dtype (e.g.
@@ -200,7 +201,8 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
     def loss_fn(p, tok, att, lm):
         if compute_dtype is not None:
             p = jax.tree.map(lambda x: x.astype(compute_dtype), p)
-        m = logprob_matrix(p, config, tok, att, lm, reduce, response_len, remat=remat, sharder=sharder)
+        m = logprob_matrix(p, config, tok, att, lm, reduce, response_len, remat=remat, sharder=sharder,
+                           attention_impl=attention_impl)
         terms = sami_loss_terms(m)
         return terms["loss"], terms
 

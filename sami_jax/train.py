@@ -47,7 +47,7 @@ from sami_jax.data.tasks import get_task
 from sami_jax.models.config import ModelConfig
 from sami_jax.models.params import init_params, num_params
 from sami_jax.optim import OptimConfig
-from sami_jax.perf import peak_flops, train_flops_per_token
+from sami_jax.perf import peak_flops, train_flops
 from sami_jax.report import MetricsWriter, read_metrics, write_report
 from sami_jax.run_config import steps_for, validate
 from sami_jax.sami import build_pair_batch, init_train_state, logprob_matrix, response_window, sami_step
@@ -178,6 +178,10 @@ class Runner:
         compute = config.model.compute_dtype
         self.compute_dtype = jnp.dtype(compute) if compute and compute != config.model.param_dtype else None
         self.batch_sharding = Sharder.create(self.mesh)
+        low_precision = (self.compute_dtype or jnp.dtype(config.model.param_dtype)) in (jnp.bfloat16, jnp.float16)
+        self.attention_impl = config.train.attention
+        if self.attention_impl == "auto":
+            self.attention_impl = "cudnn" if jax.default_backend() == "gpu" and low_precision else "einsum"
         self._score_fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len"))
         self.peak = peak_flops(jax.devices()[0])
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -282,7 +286,7 @@ class Runner:
         arrays = [x.reshape(a, cfg.micro_batch_size, *x.shape[1:]) for x in
                   (batch.tokens, batch.attention, batch.loss_mask)]
         sharding = self.batch_sharding.sharding(arrays[0].shape, (None, "batch", None, None, None))
-        return [jax.device_put(x, sharding) for x in arrays], int(batch.attention.sum())
+        return [jax.device_put(x, sharding) for x in arrays], int(batch.attention.sum()), int(batch.loss_mask.sum())
 
     def _lengths(self, records: list[dict]) -> tuple[int, int]:
         """(sequence length, response window) of an iteration's steps: one compile per iteration."""
@@ -308,17 +312,17 @@ class Runner:
             return state.params
         seq_len, response_len = self._lengths(records)
         kwargs = dict(config=self.base.config, optim=self.optim, reduce=cfg.train.reduce, remat=cfg.train.remat,
-                      compute_dtype=self.compute_dtype, sharder=self.batch_sharding, response_len=response_len)
-        arrays, _ = self._step_batch(records, start, seq_len, response_len)
+                      compute_dtype=self.compute_dtype, sharder=self.batch_sharding, response_len=response_len,
+                      attention_impl=self.attention_impl)
+        arrays, _, _ = self._step_batch(records, start, seq_len, response_len)
         t0 = time.perf_counter()
         step_fn = sami_step.lower(state, *arrays, **kwargs).compile()
         compile_s = time.perf_counter() - t0
-        flops_per_token = train_flops_per_token(self.base.config, seq_len)
         every = cfg.checkpoint.every_steps
         with tqdm(total=n_steps, initial=start, desc=f"iteration {t}: training", unit="step",
                   disable=not self.primary) as bar:
             for s in range(start, n_steps):
-                arrays, real_tokens = self._step_batch(records, s, seq_len, response_len)
+                arrays, real_tokens, scored = self._step_batch(records, s, seq_len, response_len)
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, *arrays)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -332,7 +336,8 @@ class Runner:
                         f"{self.workdir / 'checkpoints'} is intact; lower optim.learning_rate or check the data.")
                 metrics["tokens_per_s"] = real_tokens / dt
                 if self.peak:
-                    metrics["mfu"] = flops_per_token * arrays[0].size / dt / self.peak
+                    flops = train_flops(self.base.config, arrays[0].size, seq_len, logit_tokens=scored)
+                    metrics["mfu"] = flops / dt / self.peak
                 if s == start:
                     metrics["compile_s"] = compile_s
                 g = first + s + 1
@@ -390,7 +395,7 @@ class Runner:
                                 for q, cs in zip(queries, cons, strict=True)], responses)
         # MI_i,j = log p(y_j | c_j, x_i) - mean_k log p(y_j | c_k, x_i), averaged over targets j, then queries.
         mi_q = np.mean(np.diagonal(m, axis1=1, axis2=2) - m.mean(axis=1), axis=1)
-        labels = self.scheme.mi_labels() if hasattr(self.scheme, "mi_labels") else [f"c{j}" for j in range(k)]
+        labels = self.scheme.mi_labels()
         lengths = np.array([[len(self.tokenizer.encode(y)) for y in ys] for ys in responses], float)
         sem = (lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0)
         result = {
@@ -415,7 +420,7 @@ class Runner:
         """M[q, k, j] = summed log p(responses[q][j] | prompts[q][k]) (empty responses score 0)."""
         bs = self.config.eval.batch_size
         out = []
-        for lo in range(0, len(prompts), bs):
+        for lo in tqdm(range(0, len(prompts), bs), desc="scoring", unit="batch", disable=not self.primary):
             ps, ys = prompts[lo:lo + bs], responses[lo:lo + bs]
             pad = bs - len(ps)
             ys_safe = [[y if y else " " for y in row] for row in ys]  # a placeholder token, masked out below
@@ -469,3 +474,15 @@ class Runner:
 def run(config, workdir) -> pathlib.Path:
     """Runs (or resumes) SAMI in `workdir`; returns the report's path. Raises Preempted on SIGTERM."""
     return Runner(config, workdir).run()
+
+
+def summary(workdir: str | os.PathLike) -> str:
+    """MI and lengths per evaluated iteration, from the run's eval.json files."""
+    evals = sorted((json.loads(p.read_text()) for p in epath.Path(workdir).glob("iterations/*/eval.json")),
+                   key=lambda e: e["iteration"])
+    lines = []
+    for e in evals:
+        lengths = ", ".join(f"{k} {v:.1f}" for k, v in e["lengths"].items())
+        lines.append(f"iteration {e['iteration']}: MI {e['mi']:.3f} +- {e['mi_sem']:.3f} "
+                     f"(n={e['n_eval']}); mean response tokens: {lengths}")
+    return "\n".join(lines)

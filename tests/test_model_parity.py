@@ -111,3 +111,21 @@ def test_remat_policies_keep_values_and_grads(saved, remat):
     np.testing.assert_allclose(val, base_val, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(base_grad), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_fused_attention_semantics_match_the_masked_einsum(window):
+    """The cuDNN path's mapping (causal + per-row lengths + window) through jax.nn.dot_product_attention,
+    run here with its XLA implementation: equal to our masked einsum on every real query token of
+    right-padded rows. (cuDNN itself needs an NVIDIA GPU: benchmarks/gpu.sh exercises it.)"""
+    from sami_jax.models.attention import attention_mask, fused_attention, gqa_attention
+
+    rng = np.random.default_rng(0)
+    b, t, h, k, d = 3, 12, 4, 2, 8
+    q, kk, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((b, t, h, d), (b, t, k, d), (b, t, k, d)))
+    lengths = np.array([12, 7, 3])
+    valid = np.arange(t)[None] < lengths[:, None]
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    ref = gqa_attention(q, kk, v, attention_mask(idx, idx, jnp.asarray(valid), window))
+    ours = fused_attention(q, kk, v, jnp.asarray(lengths, jnp.int32), window, implementation="xla")
+    np.testing.assert_allclose(np.asarray(ours)[valid], np.asarray(ref)[valid], atol=1e-5)

@@ -2,7 +2,6 @@
 leaving a complete checkpoint, and the run's bad-input paths (NaN loss, another model's workdir,
 unknown config keys, bad jsonl lines, over-long prompts)."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -145,15 +144,14 @@ def test_unknown_config_key_is_an_error(tmp_path):
 def test_bad_jsonl_lines_and_long_prompts(tmp_path):
     from sami_jax import train
     from sami_jax.data.queries import QueryDataError
+    from sami_jax.run_config import load_config_file
 
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    tiny_config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny_config)
     good = [f"How do I fix a bike chain, case {i}?" for i in range(10)]
     path = tmp_path / "q.jsonl"
     path.write_text("\n".join([json.dumps({"query": q}) for q in good[:5]] + ["{not json"] +
                               [json.dumps({"query": q}) for q in good[5:]]) + "\n")
-    config = tiny_config.get_config()
+    config = load_config_file(TINY)
+    config.unlock()
     config.data.sources = [dict(path=str(path), kind="jsonl", subset="harmless", limit=None)]
     with pytest.raises(QueryDataError, match=rf"{path.name}:6"):
         train.load_data(config)

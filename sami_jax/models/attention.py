@@ -66,6 +66,19 @@ def attention_mask(q_idx_bt: jax.Array, kv_idx_bs: jax.Array, kv_valid_bs: jax.A
     return mask
 
 
+def fused_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, lengths_b: jax.Array,
+                    sliding_window: int | None, implementation: str | None = "cudnn") -> jax.Array:
+    """Causal attention over right-padded rows of `lengths_b` real tokens through
+    `jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs: no [t, s] scores in memory).
+    Same result as `gqa_attention` with `attention_mask` for every real query token; padded query rows
+    differ (they are never scored). Needs bf16/fp16 inputs for cuDNN; implementation="xla" runs anywhere.
+    """
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, is_causal=True, query_seq_lengths=lengths_b,
+                                        key_value_seq_lengths=lengths_b, local_window_size=window,
+                                        implementation=implementation)
+
+
 def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array) -> jax.Array:
     """Softmax attention with grouped KV heads; logits and softmax in float32. Returns [b, t, h, d]."""
     b, t, h, d = q_bthd.shape

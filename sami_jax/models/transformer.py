@@ -82,7 +82,8 @@ def _embed(params, tokens_bt, sharder: Sharder | None) -> jax.Array:
 
 def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.Array | None = None,
             positions_bt: jax.Array | None = None, remat: str = "none", moe_impl: str = "dropless",
-            sharder: Sharder | None = None, logit_positions_bn: jax.Array | None = None) -> jax.Array:
+            sharder: Sharder | None = None, logit_positions_bn: jax.Array | None = None,
+            attention_impl: str = "einsum") -> jax.Array:
     """Logits float32 [b, t, v] for token ids [b, t] ([b, n, v] with logit_positions_bn).
 
     mask_bt: 1 for real tokens, 0 for padding (left or right); padding keys are never attended.
@@ -91,7 +92,11 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
     Params may be float32 or bfloat16; activations follow the params' dtype, logits are float32.
     logit_positions_bn: the vocab projection only at these positions of each row (e.g. the response
     tokens of a scored sequence), which saves its FLOPs and the [b, t, v] buffer everywhere else.
+    attention_impl: "einsum" (any padding; scores materialized) or "cudnn" (flash attention on NVIDIA
+    GPUs in bf16; rows must be right-padded, as SAMI's pair batches are).
     """
+    if attention_impl not in ("einsum", "cudnn"):
+        raise ValueError(f"attention_impl must be 'einsum' or 'cudnn', got {attention_impl!r}")
     b, t = tokens_bt.shape
     mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
     if positions_bt is None:
@@ -102,9 +107,17 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
 
     x = _embed(params, tokens_bt, sharder)
 
+    if attention_impl == "cudnn":
+        lengths_b = jnp.sum(mask_bt, axis=1, dtype=jnp.int32)
+
+        def attend(q, k, v):
+            return attention.fused_attention(q, k, v, lengths_b, config.sliding_window), None
+    else:
+        def attend(q, k, v):
+            return attention.gqa_attention(q, k, v, mask_bts), None
+
     def body(x, p):
-        return _layer(config, moe_impl, sharder, x, p, cos, sin,
-                      lambda q, k, v: (attention.gqa_attention(q, k, v, mask_bts), None))[0]
+        return _layer(config, moe_impl, sharder, x, p, cos, sin, attend)[0]
 
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
