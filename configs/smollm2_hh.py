@@ -7,9 +7,14 @@ Queries: the first human turns of HH-RLHF harmless-base (../shared/data beside t
 --config.data.sources); the harmless subset's constitutions: positive "1. helpful 2. harmless" against a
 negation of harmlessness. 24 held-out queries for the MI estimate (K = 4 constitutions, summed log-probs).
 
-Differences from the paper, for a 135M model on 2 CPU cores: responses capped at 64 new tokens (48 in
-the demo) instead of 350; 8 queries per step instead of 128; learning rate 1e-5 with a constant schedule
-(5e-7 moves a 135M model too little in a handful of steps); one iteration.
+Differences from the paper, for a 135M instruct model on 2 CPU cores:
+- the chat prompt format (`task_format = "chat"`: instruction and constitution as the system message,
+  the query as the user turn). With the paper's raw few-shot prompt SmolLM2-135M-Instruct mostly opens
+  a new "Human:" turn at once: 69 of 96 held-out responses came back empty, and about 6 in 7 sampled
+  training pairs failed the filters.
+- responses capped at 64 new tokens (40 in the demo) instead of 350; 8 queries per step instead of
+  128; learning rate 1e-5 with a constant schedule (5e-7 moves a 135M model too little in a handful of
+  steps); one iteration.
 """
 
 import pathlib
@@ -24,6 +29,7 @@ def get_config(variant: str = ""):
     c.task = "hh"
     c.constitutions = "hh"
     c.model.path = "smollm2-135m-instruct"
+    c.task_format = "chat"  # an instruct model: constitution as the system message (data.tasks.chat_task)
     c.data.sources = [dict(path=str(HH_HARMLESS), kind="hh", subset="harmless", limit=None)]
     c.data.held_out = 24
     c.data.max_prompt_len = 512
@@ -42,8 +48,8 @@ def get_config(variant: str = ""):
     if variant == "demo":  # `make demo`: the bundled queries, about 5 minutes on 2 cores
         c.data.sources = [dict(path="bundled:dialogue", kind="jsonl", subset="harmless", limit=None)]
         c.data.held_out = 8
-        c.sampling.max_new_tokens = 48
-        c.eval.max_new_tokens = 48
+        c.sampling.max_new_tokens = 40
+        c.eval.max_new_tokens = 40
         c.train.batch_size = 4
         c.train.micro_batch_size = 4
         c.train.steps_start = 4

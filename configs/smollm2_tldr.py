@@ -21,6 +21,7 @@ def get_config():
     c.task = "tldr"
     c.constitutions = "tldr_mistral"
     c.model.path = "smollm2-135m-instruct"
+    c.task_format = "chat"  # an instruct model: constitution as the system message (data.tasks.chat_task)
     c.data.sources = [dict(path=str(POSTS), kind="tldr", subset=None, limit=None)]
     c.data.held_out = 16
     c.data.max_prompt_len = 512

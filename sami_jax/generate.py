@@ -33,15 +33,6 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def apply_chat_template(template: str, prompt: str, bos: str = "", eos: str = "") -> str:
-    """One user turn rendered with the model's jinja chat template, ready for the assistant's answer."""
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    return env.from_string(template).render(messages=[{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, bos_token=bos, eos_token=eos)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sami_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF folder, .gguf file or orbax model folder")
@@ -60,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sami_jax.api import load_model
     from sami_jax.sampling import Sampler, SamplingParams
+    from sami_jax.tokenizer import apply_chat_template
 
     try:
         sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42
     c.task = "hh"  # "hh" | "tldr" | "tldr_cot": templates, post-processing, filters (sami_jax.data.tasks)
+    c.task_format = "raw"  # "raw": the paper's prompts (base models); "chat": the tokenizer's chat template
     c.constitutions = "hh"  # a bundled name ("hh", "tldr_mistral") or a path (sami_jax.data.constitutions)
     c.settings = "as_run"  # the paper configs: "paper" (Table 1) or "as_run" (the code behind its numbers)
 
@@ -97,6 +98,8 @@ def validate(config) -> None:
     if t.batch_size % t.micro_batch_size:
         raise ValueError(f"config.train.batch_size ({t.batch_size}) must be a multiple of micro_batch_size "
                          f"({t.micro_batch_size})")
+    if config.task_format not in ("raw", "chat"):
+        raise ValueError(f"config.task_format must be 'raw' or 'chat', got {config.task_format!r}")
     if t.attention not in ("auto", "einsum", "cudnn"):
         raise ValueError(f"config.train.attention must be auto, einsum or cudnn, got {t.attention!r}")
     if t.reduce not in ("mean", "sum"):

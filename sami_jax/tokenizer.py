@@ -559,3 +559,14 @@ def _gguf_sentencepiece_proto(meta, tokens, types, path, token_id) -> bytes:
     normalizer = _pb_bytes(1, "identity") + _pb_int(3, add_prefix) + _pb_int(4, 0) + _pb_int(5, 1)
     return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
 
+
+def apply_chat_template(template: str, prompt: str, bos: str = "", eos: str = "", system: str | None = None) -> str:
+    """One user turn (after an optional system message) rendered with a jinja chat template, ready for the
+    assistant's answer. bos/eos fill templates that write those tokens as text."""
+    import jinja2
+
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": prompt}]
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos,
+                                            eos_token=eos)

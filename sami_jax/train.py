@@ -43,7 +43,7 @@ from sami_jax.checkpoints import CheckpointError
 from sami_jax.checkpoints.manager import PreemptionGuard, RunCheckpointer
 from sami_jax.data.constitutions import load_constitutions, shuffle_principles
 from sami_jax.data.queries import bundled_queries, load_queries_counted, split_queries
-from sami_jax.data.tasks import get_task
+from sami_jax.data.tasks import chat_task, get_task
 from sami_jax.models.config import ModelConfig
 from sami_jax.models.params import init_params, num_params
 from sami_jax.optim import OptimConfig
@@ -166,6 +166,8 @@ class Runner:
         self.base = load_base_model(config, self.mesh)
         self.tokenizer = self.base.tokenizer
         self.task = get_task(config.task)
+        if config.task_format == "chat":
+            self.task = chat_task(self.task, self.tokenizer.chat_template)
         self.scheme = load_constitutions(config.constitutions)
         self.pool, self.held_out, self.data_counts = load_data(config)
         self.ckpt = RunCheckpointer(self.workdir / "checkpoints", keep=config.checkpoint.keep,
@@ -182,7 +184,10 @@ class Runner:
         self.attention_impl = config.train.attention
         if self.attention_impl == "auto":
             self.attention_impl = "cudnn" if jax.default_backend() == "gpu" and low_precision else "einsum"
-        self._score_fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len"))
+        # Scoring runs in the params' dtype; cuDNN needs bf16/fp16 there too.
+        low_precision_params = jnp.dtype(config.model.param_dtype) in (jnp.bfloat16, jnp.float16)
+        self.score_attention = self.attention_impl if low_precision_params else "einsum"
+        self._score_fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len", "attention_impl"))
         self.peak = peak_flops(jax.devices()[0])
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
 
@@ -427,7 +432,8 @@ class Runner:
             batch = build_pair_batch(self.tokenizer, ps + ps[:1] * pad, ys_safe + ys_safe[:1] * pad,
                                      pad_to_multiple=self.config.train.seq_multiple)
             m = np.asarray(self._score_fn(params, self.base.config, batch.tokens, batch.attention, batch.loss_mask,
-                                          reduce="sum", response_len=response_window(batch.loss_mask, 32)))[: len(ps)]
+                                          reduce="sum", response_len=response_window(batch.loss_mask, 32),
+                                          attention_impl=self.score_attention))[: len(ps)]
             empty = np.array([[not y for y in row] for row in ys])
             out.append(np.where(empty[:, None, :], 0.0, m))
         return np.concatenate(out)

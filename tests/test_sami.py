@@ -45,6 +45,28 @@ def test_loss_is_the_mean_over_queries_of_the_symmetric_infonce():
     np.testing.assert_allclose(terms["diag_minus_offdiag"], np.diagonal(m, 0, 1, 2).mean() - off.mean(), rtol=1e-5)
 
 
+def test_loss_gradient_matches_numpy():
+    """d loss / d M, written out in numpy (softmax minus one-hot per row and per column), and central
+    finite differences of the numpy loop."""
+    m = np.random.default_rng(1).normal(-3, 1.5, (4, 3, 3))
+    q, c, _ = m.shape
+
+    def softmax(x, axis):
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+    eye = np.eye(c)
+    analytic = 0.5 * ((softmax(m, -1) - eye) + (softmax(m, -2) - eye)) / (c * q)
+    ours = np.asarray(jax.grad(sami_loss)(jnp.asarray(m, jnp.float32)))
+    np.testing.assert_allclose(ours, analytic, atol=1e-6)
+    eps, numeric = 1e-6, np.zeros_like(m)
+    for idx in np.ndindex(m.shape):
+        d = np.zeros_like(m)
+        d[idx] = eps
+        numeric[idx] = (_numpy_loss(m + d) - _numpy_loss(m - d)) / (2 * eps)
+    np.testing.assert_allclose(analytic, numeric, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     hf = tiny.hf_model("llama_kv2")
@@ -112,3 +134,39 @@ def test_pair_batch_masks_response_tokens_only(smollm2_gguf):
     assert with_eos.loss_mask[0, 0, 1].sum() == len(r)
     with pytest.raises(ValueError, match="response 1 is empty"):
         build_pair_batch(tok, prompts, [["fine", ""]])
+
+
+def test_logprob_matrix_on_smollm2_matches_transformers(smollm2_gguf, smollm2_transformers, hh_texts):
+    """2 real HH queries x 2 paper constitutions (training prompt) x 2 real responses on SmolLM2-135M:
+    M from our batch (response-window path) == transformers' per-sequence log-probs (mean and sum)."""
+    from sami_jax.data.constitutions import load_constitutions
+    from sami_jax.data.queries import first_human_turn
+    from sami_jax.data.tasks import get_task
+
+    model = sami_jax.load_model(smollm2_gguf)
+    task, scheme = get_task("hh"), load_constitutions("hh")
+    positive, negatives = scheme.subset_constitutions("harmless")
+    cons = [positive, negatives[0]]
+    dialogues = hh_texts[:2]
+    queries = [first_human_turn(d) for d in dialogues]
+    responses = [[d.split("Assistant:")[1].split("\n\nHuman:")[0].strip()[:200] for d in hh_texts[2:4]]] * 2
+    prompts = [[task.training_prompt(c, q) for c in cons] for q in queries]
+    batch = build_pair_batch(model.tokenizer, prompts, responses)
+    for reduce in ("mean", "sum"):
+        diffs = []
+        ours = np.asarray(logprob_matrix(model.params, model.config, batch.tokens, batch.attention, batch.loss_mask,
+                                         reduce=reduce, response_len=response_window(batch.loss_mask)))
+        for i in range(2):
+            for k in range(2):
+                for j in range(2):
+                    p = model.tokenizer.encode(prompts[i][k], add_bos=model.tokenizer.add_bos_default)
+                    r = model.tokenizer.encode(responses[i][j])
+                    with torch.no_grad():
+                        logp = torch.log_softmax(smollm2_transformers(torch.tensor([p + r])).logits[0].double(), -1)
+                    lp = [logp[len(p) - 1 + n, t].item() for n, t in enumerate(r)]
+                    ref = np.mean(lp) if reduce == "mean" else np.sum(lp)
+                    diffs.append(abs(ours[i, k, j] - ref))
+                    # the scored positions are exactly the response's tokens
+                    assert batch.loss_mask[i, k, j].sum() == len(r)
+                    assert batch.tokens[i, k, j][batch.loss_mask[i, k, j] == 1].tolist() == r
+        assert max(diffs) <= 1e-3, (reduce, diffs)

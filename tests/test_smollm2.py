@@ -107,13 +107,24 @@ def test_generate_cli_with_chat_template(smollm2_gguf, tmp_path, capsys):
 
     import transformers
 
-    from sami_jax.generate import apply_chat_template, main
+    from sami_jax.generate import main
+    from sami_jax.tokenizer import apply_chat_template
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     expected = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     template = sami_jax.load_model(smollm2_gguf).tokenizer.chat_template
     assert apply_chat_template(template, messages[0]["content"]) == expected
+
+    # The chat task format (data.tasks.chat_task) renders what transformers renders for system + user.
+    from sami_jax.data.tasks import CHAT_SYSTEM, chat_task, get_task
+
+    constitution, query = "1. Be {brief}.\n2. Be kind.", "How do I {fix} a bike?"
+    task = chat_task(get_task("hh"), template)
+    expected = hf_tok.apply_chat_template(
+        [{"role": "system", "content": CHAT_SYSTEM["hh"].format(constitution=constitution)},
+         {"role": "user", "content": query}], tokenize=False, add_generation_prompt=True)
+    assert task.generation_prompt(constitution, query) == task.training_prompt(constitution, query) == expected
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["What is the capital of France?", "Say hi."]))

@@ -270,3 +270,37 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}") from None
+
+
+# The paper's instruction line and constitution header per task, as a chat system message (chat_task).
+CHAT_SYSTEM = {
+    "hh": "Write a response for the assistant that follows the principles in the constitution.\n\n"
+          "Assistant Constitution:\n{constitution}",
+    "tldr": "Summarize the post below according to the principles in the constitution.\n\n"
+            "Summarization Constitution:\n{constitution}",
+}
+
+
+def chat_task(task: Task, chat_template: str) -> Task:
+    """`task` for an instruct (chat) model: the system message is the task's instruction line with the
+    constitution, the user message the question, and the reply follows the template's assistant header.
+
+    The paper prompted base models with raw few-shot text (§6); an instruct model as small as SmolLM2-135M
+    mostly answers such prompts with an empty turn ("\n\nHuman: ..."), so its configs use this format.
+    Generation and training share the prompt (there is no few-shot block); there is no response prefix;
+    post-processing, stop strings and filters stay the task's. HH drops the "Human: " tag (the chat
+    turn says who speaks); TL;DR keeps "POST: ".
+    """
+    from sami_jax.tokenizer import apply_chat_template
+
+    if task.name not in CHAT_SYSTEM:
+        raise ValueError(f"task {task.name!r} has no chat format (only {sorted(CHAT_SYSTEM)}): its post-processing "
+                         "expects the raw few-shot prompt")
+    if not chat_template:
+        raise ValueError("the chat task format needs a tokenizer with a chat template")
+    c, q = "\x00constitution\x00", "\x00question\x00"  # sentinels, turned into format fields below
+    rendered = apply_chat_template(chat_template, q, system=CHAT_SYSTEM[task.name].format(constitution=c))
+    template = rendered.replace("{", "{{").replace("}", "}}").replace(c, "{constitution}").replace(q, "{question}")
+    return task.replace(generation_template=template, training_template=template, response_prefix="",
+                        question_prefix="" if task.name == "hh" else task.question_prefix)
+
