@@ -179,7 +179,7 @@ class Runner:
         self.optim = OptimConfig(**dict(config.optim))
         compute = config.model.compute_dtype
         self.compute_dtype = jnp.dtype(compute) if compute and compute != config.model.param_dtype else None
-        self.batch_sharding = Sharder.create(self.mesh)
+        self.sharder = self.base.sharder
         low_precision = (self.compute_dtype or jnp.dtype(config.model.param_dtype)) in (jnp.bfloat16, jnp.float16)
         self.attention_impl = config.train.attention
         if self.attention_impl == "auto":
@@ -290,7 +290,7 @@ class Runner:
         a = b // cfg.micro_batch_size
         arrays = [x.reshape(a, cfg.micro_batch_size, *x.shape[1:]) for x in
                   (batch.tokens, batch.attention, batch.loss_mask)]
-        sharding = self.batch_sharding.sharding(arrays[0].shape, (None, "batch", None, None, None))
+        sharding = self.sharder.sharding(arrays[0].shape, (None, "batch", None, None, None))
         return [jax.device_put(x, sharding) for x in arrays], int(batch.attention.sum()), int(batch.loss_mask.sum())
 
     def _lengths(self, records: list[dict]) -> tuple[int, int]:
@@ -317,7 +317,7 @@ class Runner:
             return state.params
         seq_len, response_len = self._lengths(records)
         kwargs = dict(config=self.base.config, optim=self.optim, reduce=cfg.train.reduce, remat=cfg.train.remat,
-                      compute_dtype=self.compute_dtype, sharder=self.batch_sharding, response_len=response_len,
+                      compute_dtype=self.compute_dtype, sharder=self.sharder, response_len=response_len,
                       attention_impl=self.attention_impl)
         arrays, _, _ = self._step_batch(records, start, seq_len, response_len)
         t0 = time.perf_counter()
@@ -471,6 +471,7 @@ class Runner:
                 "batch size (queries)": cfg.train.batch_size,
                 "optimizer": f"{cfg.optim.name} lr {cfg.optim.learning_rate}",
                 "train pool / held-out queries": f"{len(self.pool)} / {len(self.held_out)}",
+                "malformed jsonl lines skipped": self.data_counts["bad_lines"],
                 "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "started": self.started}
         metrics = read_metrics(self.workdir / "metrics.jsonl") if (self.workdir / "metrics.jsonl").exists() else []
         return write_report(self.workdir, title=f"SAMI run: {cfg.model.path} on {cfg.task}", run_info=info,
