@@ -14,7 +14,7 @@ gpu-1.1b: a TinyLlama-1.1B-shaped random model (HF's init, imported through our 
 
 The reference is the authors' step in plain PyTorch: per micro-batch a forward over the q*c*c sequences,
 token log-probs in float32, masked mean per sequence, the [q, c, c] matrix, the symmetric InfoNCE loss,
-backward; then clip_grad_norm_(1.0) and AdamW. Each side runs `--steps` timed steps after 2 warm-up steps
+backward; then clip_grad_norm_(1.0) and AdamW. Each side runs `--steps` timed steps after `--warmup` (2) warm-up steps
 (ours: the first compiles, its time is printed apart). Losses of the first step are compared too.
 """
 
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
     parser.add_argument("--variants", help="ours as attention:remat pairs, comma-separated (default: einsum:none on "
                         "cpu; einsum:dots_no_batch,cudnn:dots_no_batch on gpu-1.1b)")
     parser.add_argument("--smoke", action="store_true", help="gpu-1.1b shapes shrunk, to test the script on a CPU")
@@ -128,7 +129,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    ref_losses = [torch_sami_step(torch, hf, opt, batches, autocast=gpu) for _ in range(2)]
+    ref_losses = [torch_sami_step(torch, hf, opt, batches, autocast=gpu) for _ in range(args.warmup)]
     sync()
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -174,8 +175,9 @@ def main() -> None:
             print(f"{impl}: failed: {type(e).__name__}: {str(e)[:300]}")
             continue
         compile_s = time.perf_counter() - start
-        state, metrics = sami_step(state, *arrays, **kwargs)
-        our_losses.append(float(metrics["loss"]))
+        for _ in range(args.warmup - 1):
+            state, metrics = sami_step(state, *arrays, **kwargs)
+            our_losses.append(float(metrics["loss"]))
         start = time.perf_counter()
         for _ in range(args.steps):
             state, metrics = sami_step(state, *arrays, **kwargs)
@@ -192,7 +194,7 @@ def main() -> None:
         mfu = f"{record['ours_mfu']:9.1%} {record['reference_mfu']:8.1%}" if peak else f"{'-':>9s} {'-':>8s}"
         print(f"{setting:70s} {ours_tps:11.0f} {ref_tps:10.0f} {record['ratio']:6.2f} {mfu}   "
               f"(our compile {compile_s:.1f}s on {record['device']})")
-        print(f"  losses of the 2 warm-up steps: ours {our_losses}, reference {ref_losses}")
+        print(f"  losses of the warm-up steps: ours {our_losses}, reference {ref_losses}")
         records.append(record)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(records, indent=2))
