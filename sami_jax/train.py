@@ -73,20 +73,21 @@ class Query:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def load_base_model(config, mesh) -> Model:
-    """The base policy pi_BASE on `mesh`, params in config.model.param_dtype."""
-    dtype = jnp.dtype(config.model.param_dtype)
-    path = config.model.path
+def _resolve_path(path: str) -> str:
+    """A model or tokenizer path, with the name "smollm2-135m-instruct" standing for the bundled GGUF."""
     if path == "smollm2-135m-instruct":
         from sami_jax.demo import smollm2_gguf
 
-        path = str(smollm2_gguf())
-    if path == "random":
-        tok_path = config.model.tokenizer
-        if tok_path == "smollm2-135m-instruct":
-            from sami_jax.demo import smollm2_gguf
+        return str(smollm2_gguf())
+    return path
 
-            tok_path = str(smollm2_gguf())
+
+def load_base_model(config, mesh) -> Model:
+    """The base policy pi_BASE on `mesh`, params in config.model.param_dtype."""
+    dtype = jnp.dtype(config.model.param_dtype)
+    path = _resolve_path(config.model.path)
+    if path == "random":
+        tok_path = _resolve_path(config.model.tokenizer)
         if not tok_path:
             raise ValueError("config.model.path = 'random' needs config.model.tokenizer (a tokenizer path)")
         tokenizer = load_tokenizer(tok_path)
@@ -118,25 +119,25 @@ def _source_queries(src: dict, skip_bad_lines: bool) -> tuple[list[Query], int]:
     return [Query(t, src.get("subset")) for t in texts], bad
 
 
+def _read_sources(sources, skip_bad_lines: bool) -> tuple[list[Query], int]:
+    """The queries of every source in order, and the malformed lines skipped."""
+    queries, bad = [], 0
+    for src in sources:
+        qs, n = _source_queries(dict(src), skip_bad_lines)
+        queries += qs
+        bad += n
+    return queries, bad
+
+
 def load_data(config) -> tuple[list[Query], list[Query], dict[str, int]]:
     """(train pool, held-out queries, counts). The pool is shuffled with the run's seed."""
-    counts = {"bad_lines": 0}
-    pool: list[Query] = []
-    for src in config.data.sources:
-        qs, bad = _source_queries(dict(src), config.data.skip_bad_lines)
-        pool += qs
-        counts["bad_lines"] += bad
+    pool, bad = _read_sources(config.data.sources, config.data.skip_bad_lines)
     if config.data.eval_sources:
-        held: list[Query] = []
-        for src in config.data.eval_sources:
-            qs, bad = _source_queries(dict(src), config.data.skip_bad_lines)
-            held += qs
-            counts["bad_lines"] += bad
-        order = np.random.default_rng(config.seed).permutation(len(pool))
-        pool = [pool[i] for i in order]
+        held, bad_eval = _read_sources(config.data.eval_sources, config.data.skip_bad_lines)
+        pool, bad = split_queries(pool, 0, config.seed)[0], bad + bad_eval  # the same seeded shuffle
     else:
         pool, held = split_queries(pool, config.data.held_out, config.seed)
-    return pool, held, counts
+    return pool, held, {"bad_lines": bad}
 
 
 def fingerprint(model_config: ModelConfig) -> dict:
@@ -382,18 +383,19 @@ class Runner:
             return json.loads(path.read_text())
         cfg = self.config
         rng = random.Random(f"{cfg.seed}-eval")  # the same constitutions at every iteration
-        queries, cons, too_long = [], [], 0
+        queries, cons, prompts, too_long = [], [], [], 0
         for q in self.held_out:
             cs = self.scheme.mi_constitutions(rng)
-            if all(self._fits(self.task.generation_prompt(c, q.text)) for c in cs):
+            ps = [self.task.generation_prompt(c, q.text) for c in cs]
+            if all(self._fits(p) for p in ps):
                 queries.append(q)
                 cons.append(cs)
+                prompts += ps
             else:
                 too_long += 1
         if not queries:
             raise TrainingError(f"every held-out query's prompt exceeds data.max_prompt_len ({too_long} queries)")
         k = len(cons[0])
-        prompts = [self.task.generation_prompt(c, q.text) for q, cs in zip(queries, cons, strict=True) for c in cs]
         flat = self._generate(params, prompts, cfg.eval.max_new_tokens, f"iteration {t}: evaluation", guard)
         responses = [flat[i * k:(i + 1) * k] for i in range(len(queries))]
         m = self.score(params, [[self.task.training_prompt(c, q.text) for c in cs]
