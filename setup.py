@@ -37,6 +37,11 @@ setup(
             "safetensors>=0.5",
             "gguf>=0.17",
             "ruff>=0.6",
+            # Compile for TPU topologies on a CPU (sami_jax.aot, tests/test_aot.py). The wheel is Linux x86_64
+            # only and 0.0.42.* is what jax 0.10.x's [tpu] extra pins; Python 3.11 is where this project runs
+            # jax 0.10.x (newer jax needs a newer libtpu). Elsewhere test_aot.py skips.
+            'libtpu==0.0.42.1; platform_system == "Linux" and platform_machine == "x86_64" '
+            'and python_version == "3.11"',
         ],
     },
 )

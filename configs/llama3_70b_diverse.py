@@ -7,7 +7,9 @@
 Per query two of the 15 learned principles with random sides against their full opposite; 5 held out.
 4, 8, 12 steps per iteration ("double the number of batches"); as run: lr 1e-6 (Table 1 says 5e-7),
 RMSprop with bf16 master weights, up to 500 new tokens for the CoT generation prompt (§6.3).
-Mesh: FSDP x tensor 8.
+Mesh: tensor parallel over 8 chips (the 8 KV heads; beyond 8 ways the collectives dominate) x FSDP over
+the rest of the slice; data parallel across slices. The 8-query `as_run` step splits the batch over fsdp
+only, so up to 64 chips per slice. Fits a v5p-32 (16 chips, benchmarks/CAPACITY_SECTION.md).
 """
 
 from sami_jax.run_config import paper_config

@@ -5,8 +5,12 @@
 
 `:as_run` (default) reproduces the code behind the published numbers, `:paper` follows Table 1
 (run_config.paper_config says what differs). Data: the HH-RLHF train splits (first 10,000 rows of each,
-as the authors selected); 1000 of each subset's filtered pairs were used per run. The mesh shards the
-model FSDP over every chip.
+as the authors selected); 1000 of each subset's filtered pairs were used per run.
+
+Mesh: FSDP over every chip of a slice (mesh.fsdp=-1), data parallel across slices (mesh.dcn.data=-1). The
+batch is split by query, so `as_run`'s 8-query step splits at most 8 ways: on more chips give the rest to
+tensor parallelism (--config.mesh.fsdp=8 --config.mesh.tensor=-1). Fits a v5p-8 (4 chips) with
+--config.train.remat=full (benchmarks/CAPACITY_SECTION.md; `python -m sami_jax.aot` checks any slice).
 """
 
 from sami_jax.run_config import paper_config

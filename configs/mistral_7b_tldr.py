@@ -6,6 +6,8 @@
 Data: the TL;DR posts of openai/summarize_from_feedback "comparisons" train `info` (deduplicated by id, the
 first 3000) as jsonl rows with a `post` field; evaluation on 250 validation posts. For the claude-opus
 principles pass the authors' directory of 0..5.json: --config.constitutions=PATH/constitutions_opus.
+
+Mesh and capacity as configs/mistral_7b_hh.py (same model and shapes).
 """
 
 from sami_jax.run_config import paper_config

@@ -4,7 +4,12 @@
         --config.model.path=/path/to/Mixtral-8x7B-v0.1
 
 As run: bf16 master weights and bf16 RMSprop state (the authors loaded the model in bf16), activation
-checkpointing. The mesh puts the 8 experts on the expert axis and FSDP on the rest.
+checkpointing.
+
+Mesh: the 8 experts on the expert axis, FSDP over the rest of the slice (the weights without an experts
+dim shard over fsdp x expert), data parallel across slices. The batch splits over fsdp x expert, so the
+8-query `as_run` step runs on exactly 8 chips per slice unless the rest goes to tensor
+(--config.mesh.tensor=-1). See benchmarks/CAPACITY_SECTION.md for what compiles.
 """
 
 from sami_jax.run_config import paper_config

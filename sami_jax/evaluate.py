@@ -1,6 +1,12 @@
-"""Evaluation: statistics of pairwise judge verdicts (win rates), the paper's way.
+"""Evaluation the paper's way: held-out responses, pairwise judge verdicts in both A/B orders, win rates.
 
+    python -m sami_jax.evaluate respond --model=PATH --task=hh|tldr|diverse --queries=FILE --out=FILE.jsonl
+    python -m sami_jax.evaluate judge --candidate=FILE --baseline=FILE --judge=SPEC --task=tldr --out=DIR
     python -m sami_jax.evaluate stats FILE.json... [--json OUT] [--bootstrap N] [--seed S]
+
+`respond` writes greedy responses (the §6 generation prompt, post-processed, at most 350 new tokens) with the
+query and constitution; `judge` compares two such files (or the authors' response JSON) with a local model
+or any OpenAI-compatible endpoint (sami_jax/judge.py); `stats` reads judgment lists.
 
 A judgment file is what the authors stored (`typo/experiments/*/results_fixed/win_rates/*.json`): a JSON
 list with one `[score, len_baseline, len_test]` row per example. `score` is the test model's result
@@ -24,8 +30,6 @@ tests/test_evaluate_stats.py):
 - ci95: a percentile bootstrap of the raw win rate: `bootstrap` resamples of the n examples with
   replacement, drawn from `numpy.random.default_rng(seed)`, and the 2.5th / 97.5th percentiles of their
   means. None when `bootstrap` is 0.
-
-More subcommands (response generation, judging) plug into `build_parser` the way `stats` does.
 """
 
 from __future__ import annotations
@@ -254,6 +258,142 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+# task -> (generation task, default constitutions); the diverse experiment samples with the CoT prompt (Table 9).
+RESPOND_TASKS = {"hh": ("hh", "hh"), "tldr": ("tldr", "tldr_mistral"), "diverse": ("tldr_cot", None)}
+
+
+def respond_records(model, task: str, queries: Sequence[str], *, constitutions: str | None = None,
+                    held_out: bool = False, chat: bool = False, max_new_tokens: int = 350, batch_size: int = 16,
+                    seed: int = 0, progress=None) -> list[dict[str, Any]]:
+    """Greedy responses of `model` to `queries` under the task's evaluation constitution (one per query, the
+    principles reshuffled by a `random.Random(seed)`): records {"id", "query", "constitution", "prompt",
+    "response", "length" (new tokens), "finish_reason", "group"}."""
+    import random
+
+    from sami_jax.data.constitutions import load_constitutions
+    from sami_jax.data.tasks import chat_task, get_task
+    from sami_jax.sampling import Sampler, SamplingParams
+
+    if task not in RESPOND_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(RESPOND_TASKS)}")
+    task_name, default_constitutions = RESPOND_TASKS[task]
+    spec = constitutions or default_constitutions
+    if spec is None:
+        raise ValueError(f"task {task!r} needs --constitutions (the diverse principles file)")
+    scheme = load_constitutions(spec)
+    gen_task = get_task(task_name)
+    if chat:
+        gen_task = chat_task(gen_task, model.tokenizer.chat_template)
+    rng = random.Random(seed)
+    cons = [scheme.eval_constitution(rng, held_out=held_out) for _ in queries]
+    prompts = [gen_task.generation_prompt(c, q) for c, q in zip(cons, queries, strict=True)]
+    sp = SamplingParams(max_new_tokens=max_new_tokens, stop=gen_task.stop_strings)
+    gens = Sampler(model).generate(prompts, sp, batch_size=batch_size, progress=progress)
+    return [{"id": str(i), "query": q, "constitution": c, "prompt": p, "response": gen_task.postprocess(g.text),
+             "length": g.length, "finish_reason": g.finish_reason,
+             "group": ("held_out" if held_out else "learned") if task == "diverse" else None}
+            for i, (q, c, p, g) in enumerate(zip(queries, cons, prompts, gens, strict=True))]
+
+
+def _cmd_respond(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sami_jax.api import load_model
+    from sami_jax.data.queries import load_queries
+
+    try:
+        queries = load_queries(args.queries, limit=args.limit or None)
+    except (OSError, ValueError) as e:
+        print(f"evaluate respond: error: {e}", file=sys.stderr)
+        return 1
+    model = load_model(args.model)
+    if model.tokenizer is None:
+        print(f"evaluate respond: error: {args.model} has no tokenizer files", file=sys.stderr)
+        return 1
+    with tqdm(total=len(queries), unit="query", file=sys.stderr) as bar:
+        try:
+            records = respond_records(model, args.task, queries, constitutions=args.constitutions,
+                                      held_out=args.held_out, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.batch_size, seed=args.seed, progress=bar.update)
+        except ValueError as e:
+            print(f"evaluate respond: error: {e}", file=sys.stderr)
+            return 1
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    print(f"{len(records)} responses -> {out}")
+    return 0
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sami_jax import judge as J
+
+    try:
+        cands, bases = J.read_responses(args.candidate), J.read_responses(args.baseline)
+        if args.limit:
+            keep = {r["id"] for r in cands[: args.limit]}
+            cands, bases = cands[: args.limit], [r for r in bases if r["id"] in keep]
+        if args.tokenizer:  # token counts for the length-balanced rate (the authors: Mistral-7B's, BOS included)
+            from sami_jax.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(args.tokenizer)
+            for r in (*cands, *bases):
+                r["length"] = len(tok.encode(r["response"], add_bos=tok.bos_id is not None))
+        pairs = J.pair_up(cands, bases, names=(str(args.candidate), str(args.baseline)))
+        judge = J.make_judge(args.judge, **({"batch_size": args.batch_size} if not args.judge.startswith("openai:")
+                                            else {"retries": args.retries, "timeout": args.timeout}))
+    except (OSError, ValueError) as e:
+        print(f"evaluate judge: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        with tqdm(total=2 * len(pairs), unit="answer", file=sys.stderr) as bar:
+            summary = J.judge_pairs(pairs, judge, args.task, args.out, seed=args.seed, progress=bar.update)
+    except J.JudgeError as e:
+        print(f"evaluate judge: error: {e}\nfinished judgments are cached in {args.out}/cache.jsonl; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 1
+    if args.reference:
+        try:
+            ref_scores = load_judgments(args.reference)[0]
+            records = [json.loads(line) for line in (pathlib.Path(args.out) / "judgments.jsonl").open()]
+            if args.limit:
+                ref_scores = ref_scores[: args.limit]
+            summary["reference"] = {"file": str(args.reference), **J.reference_agreement(records, ref_scores)}
+        except (OSError, ValueError) as e:
+            print(f"evaluate judge: error: --reference: {e}", file=sys.stderr)
+            return 1
+        (pathlib.Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_judge_summary(summary))
+    print(f"judgments: {pathlib.Path(args.out) / 'judgments.jsonl'}")
+    return 0
+
+
+def format_judge_summary(summary: dict[str, Any]) -> str:
+    """A few lines of text: win rate per order, mean of orders, the paper's order, agreement, parse failures."""
+    def line(name, st):
+        bal = "" if st["balanced"] is None else f", balanced {st['balanced']:.1f}%"
+        ci = "" if st["ci95"] is None else f", 95% CI [{st['ci95'][0]:.1f}, {st['ci95'][1]:.1f}]"
+        return f"  {name:<16} {st['win_rate']:5.1f}% +- {st['sem']:.1f}{bal}{ci}"
+
+    lines = [f"{summary['n']} pairs judged by {summary['judge']} in both orders (candidate win rate):"]
+    for key in ("mean_of_orders", "candidate_first", "baseline_first", "paper_order"):
+        lines.append(line(key.replace("_", " "), summary[key]))
+    miss = summary["no_final_response"]
+    lines.append(f"  orders agree on {100 * summary['order_agreement']:.1f}% of pairs; slot A picked "
+                 f"{summary['slot_a_picked']}, slot B {summary['slot_b_picked']} times; no \"Final Response\" "
+                 f"in {miss['candidate_first']} + {miss['baseline_first']} answers (scored 0.5)")
+    if "reference" in summary:
+        ref = summary["reference"]
+        lines.append(f"  against the reference ({ref['reference_win_rate']:.1f}% win rate): same outcome on "
+                     + ", ".join(f"{k.replace('_', ' ')} {100 * v['agreement']:.1f}%"
+                                 + ("" if v["agreement_decided"] is None else
+                                    f" ({100 * v['agreement_decided']:.1f}% of {v['decided']} decided)")
+                                 for k, v in ref.items() if isinstance(v, dict)))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m sami_jax.evaluate` parser; each subcommand sets `func(args) -> exit code`."""
     parser = argparse.ArgumentParser(prog="python -m sami_jax.evaluate", description=__doc__.split("\n\n")[0])
@@ -268,6 +408,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples for the 95%% CI (0: no CI; default 10000)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="bootstrap seed (default 0)")
     p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("respond", help="greedy responses to held-out queries with the paper's generation prompts")
+    p.add_argument("--model", required=True, help="HF folder, .gguf file or orbax model folder")
+    p.add_argument("--task", required=True, choices=sorted(RESPOND_TASKS))
+    p.add_argument("--queries", required=True, help="query file (HH-RLHF jsonl, TL;DR jsonl/JSON, {query} jsonl)")
+    p.add_argument("--out", required=True, help="JSONL to write")
+    p.add_argument("--constitutions", help="constitution spec (default: the task's bundled set)")
+    p.add_argument("--held-out", action="store_true", help="diverse: draw the held-out principles")
+    p.add_argument("--chat", action="store_true", help="chat-template prompts (instruct models)")
+    p.add_argument("--limit", type=_non_negative_int, default=250, help="first N queries (paper: 250; 0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=350)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="principle-order seed")
+    p.set_defaults(func=_cmd_respond)
+
+    p = sub.add_parser("judge", help="judge candidate vs baseline responses in both A/B orders")
+    p.add_argument("--candidate", required=True, help="responses (respond jsonl or the authors' JSON)")
+    p.add_argument("--baseline", required=True, help="responses to the same queries")
+    p.add_argument("--judge", required=True, help="local model path, openai:BASE_URL:MODEL, or verdict:PATH")
+    p.add_argument("--task", required=True, choices=["diverse", "hh", "tldr"], help="which judge prompt")
+    p.add_argument("--out", required=True, help="output folder (judgments.jsonl, summary.json, cache.jsonl)")
+    p.add_argument("--tokenizer", help="count response tokens with this tokenizer (for the balanced rate)")
+    p.add_argument("--limit", type=_non_negative_int, default=0, help="first N candidate records (0 = all)")
+    p.add_argument("--reference", help="another judge's stored scores for the same pairs, in order (the authors' "
+                                       "[score, len_baseline, len_test] list): report agreement with them")
+    p.add_argument("--batch-size", type=int, default=16, help="local judge batch")
+    p.add_argument("--retries", type=int, default=3, help="openai judge: tries per request")
+    p.add_argument("--timeout", type=float, default=120.0, help="openai judge: seconds per request")
+    p.add_argument("--seed", type=int, default=1, help="principle shuffle and paper-order seed (authors: 1)")
+    p.set_defaults(func=_cmd_judge)
     return parser
 
 

@@ -282,6 +282,39 @@ def _plot_lengths(path: pathlib.Path, its: Sequence[Mapping], labels: Sequence[s
     fig.savefig(path, dpi=110)
 
 
+_JUDGED = {"base": "vs base model", "baseline": "vs judge baseline"}
+
+
+def _judge_rows(its: Sequence[Mapping]) -> list[list[Any]]:
+    """One row per (iteration, baseline) with a judge summary (sami_jax.judge.judge_pairs)."""
+    rows = []
+    for it in its:
+        for name, s in (it.get("judge") or {}).items():
+            miss = s.get("no_final_response") or {}
+            rows.append([it["iteration"], _JUDGED.get(name, name),
+                         _fmt(s["mean_of_orders"]["win_rate"], 1, s["mean_of_orders"]["sem"]),
+                         _fmt(s["candidate_first"]["win_rate"], 1), _fmt(s["baseline_first"]["win_rate"], 1),
+                         _fmt(s["mean_of_orders"].get("balanced"), 1), _fmt(100 * s["order_agreement"], 1),
+                         sum(miss.values()), s["n"]])
+    return rows
+
+
+def _plot_win_rates(path: pathlib.Path, its: Sequence[Mapping]) -> None:
+    fig, (ax,) = _new_figure()
+    for j, name in enumerate(_JUDGED):
+        pts = [(it["iteration"], it["judge"][name]["mean_of_orders"]) for it in its
+               if name in (it.get("judge") or {})]
+        if pts:
+            ax.errorbar([x + 0.05 * j for x, _ in pts], [st["win_rate"] for _, st in pts],
+                        yerr=[st["sem"] for _, st in pts], marker="o", capsize=4, color=_colour(j),
+                        label=_JUDGED[name])
+    ax.axhline(50, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="iteration (0 = base model)", ylabel="win rate (%), mean of both A/B orders",
+           title="Judge win rate", xticks=[it["iteration"] for it in its])
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+
+
 def _mi_sentence(its: Sequence[Mapping]) -> str:
     if not its:
         return "No model was evaluated."
@@ -331,7 +364,8 @@ def write_report(workdir: str | os.PathLike, *, title: str, run_info: Mapping[st
     iterations: one dict per evaluated model, iteration 0 being the base model before training:
         {"iteration": int, "mi": float, "mi_sem": float, "lengths": {label: mean tokens},
          "length_sems": {label: sem}, "n_eval": int, "kept": int | None, "dropped": int | None,
-         "steps": int | None, "examples": [{"query": str, "constitution_label": str, "response": str}]}
+         "steps": int | None, "examples": [{"query": str, "constitution_label": str, "response": str}],
+         "judge": {"base" | "baseline": judge summary} (optional; sami_jax.judge.judge_pairs)}
         Missing keys and None show as "—"/"n/a".
     metrics: rows as returned by `read_metrics`; the train rows (those with a numeric "train/loss", a
         "step" and an "iteration") feed loss.png and the "final loss" column; "train/*acc*" keys, when
@@ -361,7 +395,15 @@ def write_report(workdir: str | os.PathLike, *, title: str, run_info: Mapping[st
         md += [*_table(header, rows), ""]
         md += ["Lengths are mean response tokens ± standard error over the held-out queries; kept/dropped count "
                "the sampled training pairs that passed/failed the filters.", ""]
-    md += [_mi_sentence(its), "", "## Plots", ""]
+    md += [_mi_sentence(its), ""]
+    judged = _judge_rows(its)
+    if judged:
+        md += ["### Judge win rates", ""]
+        md += _table(["iteration", "against", "win % ± sem (mean of orders)", "candidate in A", "candidate in B",
+                      "balanced %", "orders agree %", "no verdict", "n"], judged)
+        md += ["", "Every pair is judged twice, the candidate once in slot A and once in slot B; ties and answers "
+               "without \"Final Response\" score 0.5 (sami_jax/judge.py).", ""]
+    md += ["## Plots", ""]
 
     plots = [
         ("loss.png", "Training loss", bool(train), lambda p: _plot_loss(p, train),
@@ -371,6 +413,8 @@ def write_report(workdir: str | os.PathLike, *, title: str, run_info: Mapping[st
         ("lengths.png", "Mean response length", bool(labels), lambda p: _plot_lengths(p, its, labels),
          "no response lengths were recorded"),
     ]
+    if judged:  # optional: a run without a judge shows no placeholder for it
+        plots.append(("win_rate.png", "Judge win rate", True, lambda p: _plot_win_rates(p, its), ""))
     for name, caption, has_data, draw, why in plots:
         path = out / name
         if has_data:

@@ -42,7 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
         hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
         max_position_embeddings=2048, tie_word_embeddings=True))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))  # -1 = all remaining devices
+    # Axis sizes within one TPU slice / GPU cluster (ICI); one may be -1 = all remaining devices. `dcn`: sizes
+    # across slices (multislice over the data-center network); its default puts every slice on `data`.
+    # The three strategies (FSDP; FSDP x tensor; experts x FSDP) are mesh sizes, see sami_jax/sharding.py.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1,
+                                            dcn=dict(data=-1, fsdp=1, tensor=1, expert=1)))
 
     c.data = ml_collections.ConfigDict()
     c.data.sources = [dict(path="bundled:dialogue", kind="jsonl", subset="harmless", limit=None)]
@@ -78,6 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 350
     c.eval.batch_size = 8  # held-out queries per scoring batch
     c.eval.examples = 4  # example queries shown in the report
+    # Win rates (sami_jax/judge.py): "" = off; a local model path, "verdict:PATH" or "openai:BASE_URL:MODEL".
+    # Each iteration's responses under the positive constitution are judged against the base model's, in
+    # both A/B orders, and against `judge_baseline` (an `evaluate respond` file, e.g. an instruct model's).
+    c.eval.judge = ""
+    c.eval.judge_baseline = ""
+    c.eval.judge_max_tokens = 200
 
     c.checkpoint = ml_collections.ConfigDict(dict(keep=2, every_steps=0, async_save=True))  # 0 = end of iteration
     return c
@@ -90,6 +100,8 @@ def steps_for(config, iteration: int) -> int:
 
 def validate(config) -> None:
     """Checks the values that the ConfigDict's types cannot; errors name the field."""
+    if config.eval.judge_baseline and not config.eval.judge:
+        raise ValueError("config.eval.judge_baseline is set but config.eval.judge is empty: name a judge")
     t = config.train
     if config.settings not in SETTINGS:
         raise ValueError(f"config.settings must be one of {SETTINGS}, got {config.settings!r}")
@@ -116,6 +128,19 @@ def validate(config) -> None:
         raise ValueError("config.data.sources is empty: name at least one query source")
     if config.sampling.oversample < 1:
         raise ValueError(f"config.sampling.oversample must be >= 1, got {config.sampling.oversample}")
+
+
+def run_mesh(config, devices=None):
+    """The run's mesh from `config.mesh` over `devices` (default: all), checked against the batches that
+    are sharded on it: the training micro-batch and the sampling batch must split evenly over the batch
+    axes (sharding.check_batch). Errors name the config fields to change."""
+    from sami_jax.sharding import MESH_AXES, check_batch, make_mesh
+
+    m = config.mesh
+    mesh = make_mesh({a: m[a] for a in MESH_AXES}, devices, dcn=dict(m.dcn), what="config.mesh")
+    check_batch(mesh, {"config.train.micro_batch_size": config.train.micro_batch_size,
+                       "config.sampling.batch_size": config.sampling.batch_size})
+    return mesh
 
 
 def paper_config(optimizer: str, settings: str, *, lr_as_run: float = 5e-7, bf16_master_as_run: bool = False,

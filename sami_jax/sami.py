@@ -152,15 +152,15 @@ def response_window(loss_mask, multiple: int = 8) -> int:
 
 def logprob_matrix(params, config: ModelConfig, tokens_qcct, attention_qcct, loss_mask_qcct, reduce: str = "mean",
                    response_len: int | None = None, **forward_kwargs) -> jax.Array:
-    """M [q, c, c]: the per-sequence log-prob function vmapped over the (constitution k, response j) pairs."""
+    """M [q, c, c]: the per-sequence log-prob function mapped over the (constitution k, response j) pairs.
 
-    def per_pair(tokens_qt, attention_qt, loss_qt):  # one (k, j) pair for every query -> [q]
-        return sequence_logprobs(params, config, tokens_qt, attention_qt, loss_qt, reduce, response_len,
-                                 **forward_kwargs)
-
-    over_j = jax.vmap(per_pair, in_axes=1, out_axes=1)  # [q, c, t] -> [q, c]
-    over_k = jax.vmap(over_j, in_axes=1, out_axes=1)  # [q, c, c, t] -> [q, c, c]
-    return over_k(tokens_qcct, attention_qcct, loss_mask_qcct)
+    The map is a vmap done by hand: the q * c * c sequences form one batch (the same computation), which the
+    mesh can split across all of them rather than across queries only, and which Mixtral's dropless experts
+    (`lax.ragged_dot`, whose batching rule covers only a leading axis) run as they are.
+    """
+    q, c1, c2, t = tokens_qcct.shape
+    flat = [x.reshape(q * c1 * c2, t) for x in (tokens_qcct, attention_qcct, loss_mask_qcct)]
+    return sequence_logprobs(params, config, *flat, reduce, response_len, **forward_kwargs).reshape(q, c1, c2)
 
 
 # -------------------------------------------------------------------------------------------- step

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sami_jax.distributed import global_array, host_array
 from sami_jax.models.config import ModelConfig
 from sami_jax.models.transformer import KVCache, forward_cached, positions_from_mask
 from sami_jax.sharding import Sharder
@@ -124,13 +125,14 @@ class Sampler:
     Compile time is kept apart from run time in `self.stats` (seconds, tokens).
     """
 
-    def __init__(self, model, buckets: Sequence[int] = DEFAULT_BUCKETS, chunk: int = 16):
+    def __init__(self, model, buckets: Sequence[int] = DEFAULT_BUCKETS, chunk: int = 16, unroll: int | bool = 1):
         self.params = model.params
         self.config: ModelConfig = model.config
         self.tokenizer = model.tokenizer
         self.sharder: Sharder | None = getattr(model, "sharder", None)
         self.buckets = tuple(sorted(buckets))
         self.chunk = chunk
+        self.unroll = unroll  # decode steps' layer-scan unroll (models/transformer.forward_cached)
         self._compiled: dict = {}
         self.stats = {"compile_s": 0.0, "run_s": 0.0, "new_tokens": 0, "compiles": 0}
 
@@ -152,7 +154,7 @@ class Sampler:
             cache = KVCache.create(config, b, total_len, params["embed_tokens"].dtype, sharder)
             positions = positions_from_mask(mask)
             logits, cache = forward_cached(params, tokens, config, cache, jnp.int32(0), positions_bt=positions,
-                                           mask_bt=mask, sharder=sharder, last_only=True)
+                                           mask_bt=mask, sharder=sharder, last_only=True, fresh=True)
             key, sub = jax.random.split(key)
             last = logits[:, -1]
             tok = pick_tokens(sub, last, sp)
@@ -168,7 +170,7 @@ class Sampler:
         return jax.jit(prefill)
 
     def _chunk_fn(self, sp: SamplingParams, prompt_len: int, eos: tuple[int, ...]):
-        config, sharder, chunk = self.config, self.sharder, self.chunk
+        config, sharder, chunk, unroll = self.config, self.sharder, self.chunk, self.unroll
         eos_arr = np.asarray(eos, np.int32)
 
         def last_tokens(state: _State) -> jax.Array:  # [b, 1]: the newest token of each row
@@ -179,7 +181,7 @@ class Sampler:
                 prev = last_tokens(state)
                 logits, cache = forward_cached(
                     params, prev, config, state.cache, prompt_len + state.step - 1, positions_bt=state.pos[:, None],
-                    mask_bt=jnp.ones_like(prev, bool), sharder=sharder)
+                    mask_bt=jnp.ones_like(prev, bool), sharder=sharder, unroll=unroll)
                 key, sub = jax.random.split(state.key)
                 tok = pick_tokens(sub, logits[:, 0], sp)
                 # A row that is done writes zeros (never read: outputs are cut at the EOS / stop).
@@ -259,7 +261,7 @@ class Sampler:
         mask = np.zeros((batch_size, p), bool)
         for i, r in enumerate(rows):
             tokens[i, p - len(r):], mask[i, p - len(r):] = r, True
-        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+        tokens, mask, key = self._input(tokens), self._input(mask), self._input(key)
         # Seed and stop strings do not change the compiled program.
         shape_key = (dataclasses.replace(sp, seed=0, stop=()), eos, batch_size, p, total)
         prefill = self._fn(("prefill", *shape_key), functools.partial(self._prefill_fn, sp, total),
@@ -269,25 +271,30 @@ class Sampler:
         chunk_fn = None
         while True:
             step = int(state.step)
-            done = np.array(state.done)
+            done = host_array(state.done).copy()
             if sp.stop and step > 1:
-                out = np.asarray(state.out[:, :step])
+                out = host_array(state.out)[:, :step]
                 for i in range(len(rows)):
                     if not done[i] and self._stop_index(out[i], sp.stop) is not None:
                         done[i] = True
-                state = state.replace(done=jnp.asarray(done))
+                state = state.replace(done=global_array(done, state.done.sharding))
             if step >= sp.max_new_tokens or done[: len(rows)].all():
                 break
             if chunk_fn is None:
                 chunk_fn = self._fn(("chunk", *shape_key), functools.partial(self._chunk_fn, sp, p, eos),
                                     self.params, state)
             state = chunk_fn(self.params, state)
-        out = np.asarray(state.out)
-        lps = np.asarray(state.logprobs) if sp.logprobs else None
+        out = host_array(state.out)
+        lps = host_array(state.logprobs) if sp.logprobs else None
         self.stats["run_s"] += time.perf_counter() - start
         results = [self._finish(out[i, : min(step, sp.max_new_tokens)], lps, i, sp, eos) for i in range(len(rows))]
         self.stats["new_tokens"] += sum(r.length for r in results)
         return results
+
+    def _input(self, x):
+        """Host data (the same on every process) as an input of the jitted functions: replicated on the
+        model's mesh, which may span several processes."""
+        return jnp.asarray(x) if self.sharder is None else global_array(x, self.sharder.replicated())
 
     def _stop_index(self, ids, stops) -> int | None:
         text = self.tokenizer.decode(ids)

@@ -44,15 +44,16 @@ from sami_jax.checkpoints.manager import PreemptionGuard, RunCheckpointer
 from sami_jax.data.constitutions import load_constitutions, shuffle_principles
 from sami_jax.data.queries import bundled_queries, load_queries_counted, split_queries
 from sami_jax.data.tasks import chat_task, get_task
+from sami_jax.distributed import agree, global_array, host_array
 from sami_jax.models.config import ModelConfig
 from sami_jax.models.params import init_params, num_params
 from sami_jax.optim import OptimConfig
 from sami_jax.perf import peak_flops, train_flops
 from sami_jax.report import MetricsWriter, read_metrics, write_report
-from sami_jax.run_config import steps_for, validate
+from sami_jax.run_config import run_mesh, steps_for, validate
 from sami_jax.sami import build_pair_batch, init_train_state, logprob_matrix, response_window, sami_step
 from sami_jax.sampling import Sampler, SamplingParams
-from sami_jax.sharding import Sharder, make_mesh, param_shardings
+from sami_jax.sharding import Sharder, param_shardings
 from sami_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger("sami_jax")
@@ -163,7 +164,7 @@ class Runner:
         self.workdir = epath.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.primary = jax.process_index() == 0
-        self.mesh = make_mesh(dict(config.mesh))
+        self.mesh = run_mesh(config)
         self.base = load_base_model(config, self.mesh)
         self.tokenizer = self.base.tokenizer
         self.task = get_task(config.task)
@@ -190,6 +191,7 @@ class Runner:
         self.score_attention = self.attention_impl if low_precision_params else "einsum"
         self._score_fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len", "attention_impl"))
         self.peak = peak_flops(jax.devices()[0])
+        self._judge = None  # made on first use (a local judge loads a model)
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
 
     # ---------------------------------------------------------------------------------------- paths
@@ -271,7 +273,7 @@ class Runner:
 
     def iteration_data(self, t: int, params_fn: Callable[[], Any], guard) -> list[dict]:
         path = self._iter_dir(t) / "data.jsonl"
-        if path.exists():
+        if agree(path.exists()):  # process 0 writes it; every process must agree on sampling (collectives)
             return [json.loads(line) for line in path.read_text().splitlines()]
         records, counts = self.sample_iteration(t, params_fn(), guard)
         if self.primary:
@@ -292,7 +294,7 @@ class Runner:
         arrays = [x.reshape(a, cfg.micro_batch_size, *x.shape[1:]) for x in
                   (batch.tokens, batch.attention, batch.loss_mask)]
         sharding = self.sharder.sharding(arrays[0].shape, (None, "batch", None, None, None))
-        return [jax.device_put(x, sharding) for x in arrays], int(batch.attention.sum()), int(batch.loss_mask.sum())
+        return [global_array(x, sharding) for x in arrays], int(batch.attention.sum()), int(batch.loss_mask.sum())
 
     def _lengths(self, records: list[dict]) -> tuple[int, int]:
         """(sequence length, response window) of an iteration's steps: one compile per iteration."""
@@ -303,12 +305,20 @@ class Runner:
         m = self.config.train.seq_multiple
         return -(-(prompt + response) // m) * m, -(-response // 16) * 16
 
+    def _new_state(self):
+        """A fresh train state from the base params with every leaf on the mesh: init_train_state leaves its
+        step counters on one device, which a run over several processes can neither pass to sami_step nor
+        restore a checkpoint into."""
+        mesh_devices = set(self.mesh.devices.flat)
+        return jax.tree.map(lambda x: x if x.sharding.device_set == mesh_devices else
+                            global_array(x, self.sharder.replicated()), init_train_state(self.base.params, self.optim))
+
     def train_iteration(self, t: int, records: list[dict], guard):
         """Trains pi_t from the base weights (or from this iteration's last checkpoint); returns its params."""
         cfg = self.config
         n_steps = steps_for(cfg, t)
         first, last = self._cum_steps(t - 1), self._cum_steps(t)
-        state = init_train_state(self.base.params, self.optim)
+        state = self._new_state()
         latest = self.ckpt.latest_step()
         if latest is not None and latest > first:
             state, meta = self.ckpt.restore(latest, state)
@@ -331,7 +341,7 @@ class Runner:
                 arrays, real_tokens, scored = self._step_batch(records, s, seq_len, response_len)
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, *arrays)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(host_array(v)) for k, v in metrics.items()}
                 dt = time.perf_counter() - t0
                 if not all(math.isfinite(v) for v in metrics.values()):
                     self.ckpt.wait()
@@ -367,7 +377,7 @@ class Runner:
         """pi_t's params: the base for t = 0, else the checkpoint that ends iteration t."""
         if t == 0:
             return self.base.params
-        target = init_train_state(self.base.params, self.optim)
+        target = self._new_state()
         step = self._cum_steps(t)
         if step not in self.ckpt.all_steps():
             raise CheckpointError(f"{self.workdir / 'checkpoints'}: the checkpoint ending iteration {t} (step {step}) "
@@ -379,7 +389,7 @@ class Runner:
         """pi_t on the held-out queries: MI estimate (§2.3) and response length per constitution. `extra`
         (the iteration's sampling counts and steps) is stored with the result for the report."""
         path = self._iter_dir(t) / "eval.json"
-        if path.exists():
+        if agree(path.exists()):
             return json.loads(path.read_text())
         cfg = self.config
         rng = random.Random(f"{cfg.seed}-eval")  # the same constitutions at every iteration
@@ -413,6 +423,10 @@ class Runner:
             "empty_responses": int((lengths == 0).sum()),
             "examples": [{"query": q.text, "constitution_label": labels[j], "response": responses[i][j]}
                          for i, q in enumerate(queries[: cfg.eval.examples]) for j in range(k)],
+            # Every query's response under the first (positive) constitution: what the judge compares.
+            "responses": [{"id": str(i), "query": q.text, "constitution": cs[0], "response": ys[0],
+                           "length": int(lengths[i, 0])}
+                          for i, (q, cs, ys) in enumerate(zip(queries, cons, responses, strict=True))],
             **(extra or {}),
         }
         log.info("iteration %d: held-out MI %.4f +- %.4f over %d queries", t, result["mi"], result["mi_sem"],
@@ -421,6 +435,43 @@ class Runner:
             _write_atomic(path, json.dumps(result, indent=1))
         self.writer.write(self._cum_steps(t), {"eval/mi": result["mi"], **{
             f"eval/length/{lab}": v for lab, v in result["lengths"].items()}}, iteration=t)
+        return result
+
+    def judge_iteration(self, t: int, evals: list[dict]) -> dict:
+        """Win rates of pi_t's held-out responses (positive constitution) against the base model's and, when
+        configured, against eval.judge_baseline; judged in both A/B orders on process 0 and stored in
+        iterations/<t>/judge.json (judge answers are cached under iterations/<t>/judge_*/)."""
+        from sami_jax import judge as J
+
+        path = self._iter_dir(t) / "judge.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        cfg = self.config.eval
+        baselines = {}
+        if t > 0:
+            baselines["base"] = evals[0]["responses"]
+        if cfg.judge_baseline:
+            baselines["baseline"] = J.read_responses(cfg.judge_baseline)
+        result = {}
+        if baselines and self.primary:
+            if self._judge is None:
+                if jax.process_count() > 1 and not cfg.judge.startswith("openai:"):
+                    raise TrainingError("a multi-process run judges on process 0 only: use an openai: judge "
+                                        "(e.g. `python -m sami_jax.serve` on the judge model)")
+                self._judge = J.make_judge(cfg.judge, max_tokens=cfg.judge_max_tokens)
+            task = "hh" if self.config.task == "hh" else "tldr"
+            for name, baseline in baselines.items():
+                try:
+                    pairs = J.pair_up(evals[t]["responses"], baseline, names=(f"iteration {t}", name))
+                except ValueError as e:
+                    raise TrainingError(f"eval.judge_baseline {cfg.judge_baseline}: {e}") from None
+                log.info("iteration %d: judging %d pairs against %s in both orders", t, len(pairs), name)
+                result[name] = J.judge_pairs(pairs, self._judge, task, self._iter_dir(t) / f"judge_{name}")
+            _write_atomic(path, json.dumps(result, indent=1))
+            for name, summary in result.items():
+                self.writer.write(self._cum_steps(t), {f"judge/{name}/win_rate": summary["mean_of_orders"]["win_rate"],
+                                                       f"judge/{name}/order_agreement": summary["order_agreement"]},
+                                  iteration=t)
         return result
 
     def score(self, params, prompts: list[list[str]], responses: list[list[str]]) -> np.ndarray:
@@ -433,7 +484,9 @@ class Runner:
             ys_safe = [[y if y else " " for y in row] for row in ys]  # a placeholder token, masked out below
             batch = build_pair_batch(self.tokenizer, ps + ps[:1] * pad, ys_safe + ys_safe[:1] * pad,
                                      pad_to_multiple=self.config.train.seq_multiple)
-            m = np.asarray(self._score_fn(params, self.base.config, batch.tokens, batch.attention, batch.loss_mask,
+            tokens, attention, loss_mask = (global_array(x, self.sharder.replicated())
+                                            for x in (batch.tokens, batch.attention, batch.loss_mask))
+            m = host_array(self._score_fn(params, self.base.config, tokens, attention, loss_mask,
                                           reduce="sum", response_len=response_window(batch.loss_mask, 32),
                                           attention_impl=self.score_attention))[: len(ps)]
             empty = np.array([[not y for y in row] for row in ys])
@@ -447,10 +500,14 @@ class Runner:
         with PreemptionGuard() as guard:
             try:
                 evals.append(self.evaluate(0, self.base.params, guard))
+                if cfg.eval.judge:
+                    evals[0]["judge"] = self.judge_iteration(0, evals)
                 for t in range(1, cfg.train.iterations + 1):
                     eval_path = self._iter_dir(t) / "eval.json"
-                    if eval_path.exists():
+                    if agree(eval_path.exists()):
                         evals.append(json.loads(eval_path.read_text()))
+                        if cfg.eval.judge:  # a run killed between its evaluation and its judging
+                            evals[t]["judge"] = self.judge_iteration(t, evals)
                         continue
                     records = self.iteration_data(t, lambda t=t: self.params_after(t - 1), guard)
                     log.info("iteration %d: %d training pairs", t, len(records))
@@ -459,6 +516,8 @@ class Runner:
                     counts = json.loads(sampling.read_text()) if sampling.exists() else {}
                     evals.append(self.evaluate(t, params, guard, {
                         "kept": counts.get("kept"), "dropped": counts.get("dropped"), "steps": steps_for(cfg, t)}))
+                    if cfg.eval.judge:
+                        evals[t]["judge"] = self.judge_iteration(t, evals)
                     self.write_report(evals)
             finally:
                 self.ckpt.wait()
@@ -467,6 +526,9 @@ class Runner:
         return self.write_report(evals)
 
     def write_report(self, evals: list[dict]) -> pathlib.Path:
+        """Writes the report (process 0 only); returns its path."""
+        if not self.primary:
+            return self.workdir / "report" / "report.md"
         cfg = self.config
         info = {"model": cfg.model.path, "task": cfg.task, "constitutions": cfg.constitutions,
                 "settings": cfg.settings, "iterations": cfg.train.iterations,

@@ -62,3 +62,24 @@ def smollm2_transformers(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_gguf):
+    """Our float32 load of the real SmolLM2-135M-Instruct, shared by the tests that only read it."""
+    import sami_jax
+
+    return sami_jax.load_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def tldr_response_files() -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """The authors' released TL;DR summaries (mistral-7b, opus constitution): iteration 3, base, and their
+    GPT-4 judgments of iteration 3 vs base, 250 posts each."""
+    sami = SHARED / "data" / "sami"
+    responses = sami / "janphilippfranken_sami" / "experiments" / "tldr" / "results" / "responses"
+    judged = sami / "janphilippfranken_typo" / "experiments" / "tldr" / "results_fixed" / "win_rates"
+    iteration_3 = "iteration-3-epoch-0.38-from-epoch-0.25-mistral-opus-constitution-temperature-0.0.json"
+    base = "base-mistral-opus-constitution-temperature-0.0.json"
+    return (_require(responses / iteration_3), _require(responses / base),
+            _require(judged / "3-vs-base-mistral-opus-constitution-temperature-0.0.json"))

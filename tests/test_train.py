@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from openai_stub import Stub
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -44,10 +45,18 @@ def _final_params(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """An uninterrupted tiny run (2 iterations: 1 + 2 steps), as a user would start it."""
+def judge_stub():
+    """A loopback OpenAI-style judge that always answers "A": a pure position bias."""
+    stub = Stub(answer=lambda user: "Comparison: the first.\nFinal Response: A")
+    yield stub
+    stub.close()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, judge_stub):
+    """An uninterrupted tiny run (2 iterations: 1 + 2 steps), as a user would start it, with a judge."""
     workdir = tmp_path_factory.mktemp("reference")
-    proc = _run(workdir)
+    proc = _run(workdir, f"--config.eval.judge=openai:{judge_stub.url}:judge")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc
 
@@ -75,6 +84,40 @@ def test_full_run_writes_everything(reference_run):
     assert all(m["train/tokens_per_s"] > 0 for m in train)
     assert _steps(workdir)[-1] == 3
     assert (workdir / "report" / "mi.png").exists()
+    # Judging: each iteration's responses vs the base model's, both orders; an always-"A" judge splits them.
+    for t in (1, 2):
+        judged = json.loads((workdir / "iterations" / str(t) / "judge.json").read_text())["base"]
+        assert judged["n"] == 4 and judged["order_agreement"] == 0.0
+        assert (judged["candidate_first"]["win_rate"], judged["baseline_first"]["win_rate"]) == (100.0, 0.0)
+        rows = (workdir / "iterations" / str(t) / "judge_base" / "judgments.jsonl").read_text().splitlines()
+        assert all({"candidate_first", "baseline_first"} <= set(json.loads(r)) for r in rows) and len(rows) == 4
+    assert "### Judge win rates" in text and (workdir / "report" / "win_rate.png").exists()
+    assert any("judge/base/win_rate" in m for m in metrics)
+
+
+def test_judge_baseline_file_and_mismatched_queries(reference_run, judge_stub, tmp_path):
+    """eval.judge_baseline: judged against every iteration (0 included); a file of other queries is an error."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run[0], workdir)
+    for path in workdir.glob("iterations/*/judge.json"):
+        path.unlink()
+    base = json.loads((workdir / "iterations" / "0" / "eval.json").read_text())["responses"]
+    baseline = tmp_path / "instruct.jsonl"
+    baseline.write_text("".join(json.dumps({**r, "response": "short " + r["response"]}) + "\n" for r in base))
+    proc = _run(workdir, f"--config.eval.judge=openai:{judge_stub.url}:judge",
+                f"--config.eval.judge_baseline={baseline}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for t in (0, 1, 2):
+        judged = json.loads((workdir / "iterations" / str(t) / "judge.json").read_text())
+        assert judged["baseline"]["n"] == 4 and ("base" in judged) == (t > 0)
+    baseline.write_text("".join(json.dumps({**r, "query": "another query"}) + "\n" for r in base))
+    for path in workdir.glob("iterations/*/judge.json"):
+        path.unlink()
+    proc = _run(workdir, f"--config.eval.judge=openai:{judge_stub.url}:judge",
+                f"--config.eval.judge_baseline={baseline}")
+    assert proc.returncode == 1 and "query 0 differs" in proc.stderr
 
 
 def test_sigkill_mid_iteration_then_resume_gives_the_same_params(reference_run, tmp_path):
@@ -161,6 +204,7 @@ def test_bad_jsonl_lines_and_long_prompts(tmp_path):
 
     # A query whose generation prompt is over max_prompt_len is skipped and counted, never cut.
     config.data.sources = [dict(path="bundled:dialogue", kind="jsonl", subset="harmless", limit=None)]
+    config.mesh.fsdp, config.mesh.tensor = 2, 4  # conftest's 8 devices; the micro-batch of 2 splits over fsdp
     runner = train.Runner(config, tmp_path / "w")
     long_query = "Tell me everything about bicycles. " * 200
     runner.pool = [train.Query(long_query, "harmless"), *runner.pool]

@@ -90,3 +90,22 @@ def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
     return out.reshape(b, t, h, d)
+
+
+def gqa_attention_cached(q_bthd: jax.Array, k_cache_bksd: jax.Array, v_cache_bksd: jax.Array, cache_mask_bts: jax.Array,
+                         k_new_btkd: jax.Array, v_new_btkd: jax.Array, new_mask_btt: jax.Array) -> jax.Array:
+    """`gqa_attention` over a layer's cached keys ([b, kv_heads, s, d], the cache layout) followed by the t new
+    ones, without writing the new ones into the cache first: one softmax over both score blocks.
+    Returns [b, t, h, d]."""
+    b, t, h, d = q_bthd.shape
+    kv_heads, s = k_cache_bksd.shape[1], k_cache_bksd.shape[2]
+    q = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.concatenate([jnp.einsum("btkgd,bksd->bkgts", q, k_cache_bksd, preferred_element_type=jnp.float32),
+                              jnp.einsum("btkgd,bskd->bkgts", q, k_new_btkd, preferred_element_type=jnp.float32)],
+                             axis=-1) * np.float32(1.0 / np.sqrt(d))
+    mask = jnp.concatenate([cache_mask_bts, new_mask_btt], axis=-1)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache_bksd.dtype)
+    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :s], v_cache_bksd)
+           + jnp.einsum("bkgts,bskd->btkgd", probs[..., s:], v_new_btkd.astype(v_cache_bksd.dtype)))
+    return out.reshape(b, t, h, d)

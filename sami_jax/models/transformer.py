@@ -132,9 +132,10 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values at KV-head width for every layer, [layers, b, s, kv_heads, d], and which slots
+    """Keys and values at KV-head width for every layer, [layers, b, kv_heads, s, d], and which slots
     hold a real token ([b, s]). Slots are shared by all rows: prompts are left-padded to a common
-    length, so slot index differences equal position differences within a row."""
+    length, so slot index differences equal position differences within a row. Heads come before slots
+    so that attention's batch dims (b, kv_heads) lead and XLA reads the cache without transposing it."""
 
     k: jax.Array
     v: jax.Array
@@ -142,48 +143,58 @@ class KVCache:
 
     @classmethod
     def create(cls, config: ModelConfig, batch: int, length: int, dtype, sharder: Sharder | None = None) -> KVCache:
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
         k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
         if sharder is not None:
-            axes = (None, "batch", None, "kv_heads", None)
+            axes = (None, "batch", "kv_heads", None, None)
             k, v = sharder.constrain(k, axes), sharder.constrain(v, axes)
         return cls(k=k, v=v, valid=jnp.zeros((batch, length), bool))
 
 
 def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVCache, start: jax.Array, *,
                    positions_bt: jax.Array, mask_bt: jax.Array, moe_impl: str = "dropless",
-                   sharder: Sharder | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
-    """Runs tokens [b, t] that occupy cache slots [start, start + t): writes their keys and values, attends
-    over every valid slot up to each token (and inside the sliding window), returns float32 logits
-    [b, t, v] and the updated cache. Prefill is t = prompt length at start 0; decoding is t = 1.
+                   sharder: Sharder | None = None, last_only: bool = False, fresh: bool = False,
+                   unroll: int | bool = 1) -> tuple[jax.Array, KVCache]:
+    """Runs tokens [b, t] that occupy cache slots [start, start + t): attends over every valid cached slot
+    before them and causally among themselves (inside the sliding window), writes their keys and values,
+    and returns float32 logits [b, t, v] and the updated cache. Prefill is t = prompt length at start 0
+    with `fresh=True` (an empty cache, which is then not read); decoding is t = 1.
 
     mask_bt marks which of the new tokens are real (padding is never attended); positions_bt are their
-    RoPE positions. The cache is a scan carry updated in place, so donating it avoids any copy.
+    RoPE positions. Each layer reads its cache slice as a scan input and returns only the new keys and
+    values; one update after the layer scan writes them all, in place when the cache is donated. (Carrying
+    the stacked cache through the scan and updating it per layer made XLA copy a layer's cache every step.)
     last_only: logits for the last position only ([b, 1, v]); a prefill needs no more, and the vocab
     projection of every prompt token is a large share of its FLOPs.
+    unroll: the layer scan's unroll factor (True = all layers); on a GPU a decode step is a few small kernels
+    per layer, and unrolling lets XLA fuse across layers and drop the loop's per-iteration overhead.
     """
     b, t = tokens_bt.shape
     length = cache.valid.shape[1]
-    valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt.astype(bool), (0, start))
     cos, sin = attention.rope_cos_sin(positions_bt, attention.rope_inv_freq(config))
     q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    new_mask = attention.attention_mask(q_idx, q_idx, mask_bt.astype(bool), config.sliding_window)
     kv_idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    mask_bts = attention.attention_mask(q_idx, kv_idx, valid, config.sliding_window)
+    old_mask = attention.attention_mask(q_idx, kv_idx, cache.valid, config.sliding_window)
 
-    def step(carry, xs):
-        x, kc, vc = carry
-        p, layer = xs
+    def step(x, xs):
+        if fresh:
+            p, kc, vc = xs, None, None
+        else:
+            p, kc, vc = xs
 
         def attend(q, k, v):
-            new_k = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (layer, 0, start, 0, 0))
-            new_v = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (layer, 0, start, 0, 0))
-            out = attention.gqa_attention(q, new_k[layer], new_v[layer], mask_bts)
-            return out, (new_k, new_v)
+            if fresh:
+                return attention.gqa_attention(q, k, v, new_mask), (k, v)
+            return attention.gqa_attention_cached(q, kc, vc, old_mask, k, v, new_mask), (k, v)
 
-        x, (kc, vc) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
-        return (x, kc, vc), None
+        x, (k, v) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
+        return x, (k.swapaxes(1, 2), v.swapaxes(1, 2))  # [b, kv, t, d], the cache's layout
 
-    layers = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(step, (_embed(params, tokens_bt, sharder), cache.k, cache.v),
-                                (params["layers"], layers))
+    xs = params["layers"] if fresh else (params["layers"], cache.k, cache.v)
+    x, (k_new, v_new) = jax.lax.scan(step, _embed(params, tokens_bt, sharder), xs,  # k_new [layers, b, kv, t, d]
+                                     unroll=unroll)
+    k = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, 0, start, 0))
+    v = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, 0, 0, start, 0))
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt.astype(bool), (0, start))
     return _logits(params, x[:, -1:] if last_only else x, config, sharder), KVCache(k=k, v=v, valid=valid)
