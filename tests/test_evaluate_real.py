@@ -46,9 +46,10 @@ def test_respond_uses_the_papers_prompt_and_postprocessing(smollm2_model, hh_tex
 
 def test_verdict_judge_matches_transformers_next_token(smollm2_model, smollm2_transformers, tldr_response_files):
     torch = pytest.importorskip("torch")
-    pairs = _shortest_pairs(tldr_response_files, 2)
-    judge = J.VerdictJudge("smollm2", model=smollm2_model, batch_size=4)
-    messages = [J.judge_messages("tldr", p.query, p.constitution, p.candidate, p.baseline) for p in pairs]
+    pairs = _shortest_pairs(tldr_response_files, 1)  # both orders: 2 prompts
+    judge = J.VerdictJudge("smollm2", model=smollm2_model, batch_size=2)
+    messages = [J.judge_messages("tldr", p.query, p.constitution, *ys) for p in pairs
+                for ys in ((p.candidate, p.baseline), (p.baseline, p.candidate))]
     answers = judge.complete(messages)
     tok = smollm2_model.tokenizer
     a, b = tok.encode(" A")[0], tok.encode(" B")[0]
