@@ -34,8 +34,9 @@ test: install-test
 lint: install-test
 	$(VENV)/bin/ruff check .
 
+# The demo is the CPU run (JAX_PLATFORMS=cpu unless set: the test extra's libtpu would otherwise try a TPU first).
 demo: install-test
-	$(PY) -m sami_jax.demo --workdir=workdir/demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m sami_jax.demo --workdir=workdir/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
