@@ -412,8 +412,8 @@ def judge_pairs(pairs: Sequence[Pair], judge, task: str, out_dir: str | os.PathL
                 "baseline_first": judge_messages(task, p.query, shown, p.baseline, p.candidate)}
         jobs.append((p, shown, msgs, "baseline_first" if paper_rs.randint(2) else "candidate_first"))
 
-    todo = list(dict.fromkeys((Cache.key(judge, *m), m) for _, _, msgs, _ in jobs for m in msgs.values()
-                              if Cache.key(judge, *m) not in cache.entries))
+    keyed = {Cache.key(judge, *m): m for _, _, msgs, _ in jobs for m in msgs.values()}
+    todo = [(k, m) for k, m in keyed.items() if k not in cache.entries]
     for lo in range(0, len(todo), chunk):
         batch = todo[lo:lo + chunk]
         texts = judge.complete([m for _, m in batch])
@@ -443,6 +443,13 @@ def judge_pairs(pairs: Sequence[Pair], judge, task: str, out_dir: str | os.PathL
     return summary
 
 
+# The ways of reading a judgment record as one candidate score: (name, record -> score).
+_READINGS = (("mean_of_orders", lambda r: r["score"]),
+             ("candidate_first", lambda r: r["candidate_first"]["score"]),
+             ("baseline_first", lambda r: r["baseline_first"]["score"]),
+             ("paper_order", lambda r: r["paper_score"]))
+
+
 def summarize(records: Sequence[dict]) -> dict[str, Any]:
     """Statistics of judgment records (see `judge_pairs`), overall and per group when records have one."""
     def stats(rows):
@@ -450,18 +457,14 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
         if all(r["len_candidate"] is not None and r["len_baseline"] is not None for r in rows):
             lens = ([r["len_baseline"] for r in rows], [r["len_candidate"] for r in rows])
         st = {name: win_rate_stats([key(r) for r in rows], *(lens or (None, None)))
-              for name, key in (("mean_of_orders", lambda r: r["score"]),
-                                ("candidate_first", lambda r: r["candidate_first"]["score"]),
-                                ("baseline_first", lambda r: r["baseline_first"]["score"]),
-                                ("paper_order", lambda r: r["paper_score"]))}
+              for name, key in _READINGS}
         st["order_agreement"] = order_agreement([r["candidate_first"]["score"] for r in rows],
                                                 [r["baseline_first"]["score"] for r in rows], flip_second=False)
         st["no_final_response"] = {o: sum(r[o]["verdict"] is None for r in rows)
                                    for o in ("candidate_first", "baseline_first")}
-        st["slot_a_picked"] = sum((r["candidate_first"]["verdict"] == "A") + (r["baseline_first"]["verdict"] == "A")
-                                  for r in rows)
-        st["slot_b_picked"] = sum((r["candidate_first"]["verdict"] == "B") + (r["baseline_first"]["verdict"] == "B")
-                                  for r in rows)
+        for slot in ("A", "B"):
+            st[f"slot_{slot.lower()}_picked"] = sum(r[o]["verdict"] == slot for r in rows
+                                                    for o in ("candidate_first", "baseline_first"))
         return st
 
     summary = {"n": len(records), **stats(records)}
@@ -479,9 +482,7 @@ def reference_agreement(records: Sequence[dict], reference_scores: Sequence[floa
     if ref.shape != (len(records),):
         raise ValueError(f"reference has {ref.size} judgments for {len(records)} pairs")
     out = {}
-    for name, key in (("mean_of_orders", lambda r: r["score"]), ("paper_order", lambda r: r["paper_score"]),
-                      ("candidate_first", lambda r: r["candidate_first"]["score"]),
-                      ("baseline_first", lambda r: r["baseline_first"]["score"])):
+    for name, key in _READINGS:
         ours = np.asarray([key(r) for r in records])
         same = np.sign(ours - 0.5) == np.sign(ref - 0.5)
         decided = ours != 0.5
