@@ -7,10 +7,11 @@
 2. Speed: a TinyLlama-1.1B-shaped random model in bf16 (22 layers, d 2048, 32 heads, 4 KV heads, MLP 5632,
    vocab 32000), 256 prompts of 256 tokens, 128 new tokens, top-p 0.9 at temperature 1, EOS disabled.
    Ours after its compile (printed apart) vs HF transformers `generate` after a warm-up call; both read the
-   same weights (HF's random init, imported through our HF path). Ours runs twice, with the decode step's
-   layer scan as a loop and unrolled. Also reported: the prefill alone (a run of one new token), the decode
-   rate without it, and that rate as a fraction of the decode roofline (weights plus the mean KV cache read
-   once per step at the measured copy bandwidth).
+   same weights (HF's random init, imported through our HF path). Ours runs twice: with the weights and KV
+   cache as one buffer per layer and a Python loop over the layers (`Sampler(per_layer=True)`, the default
+   off TPUs) and stacked with a layer scan (`per_layer=False`). Also reported: the prefill alone (a run of
+   one new token), the decode rate without it, and that rate as a fraction of the decode roofline (weights
+   plus the mean KV cache read once per step at the measured copy bandwidth).
 --smoke shrinks everything so the script itself can be checked on a CPU.
 """
 
@@ -104,8 +105,8 @@ def main() -> None:
         return time.perf_counter() - start, out
 
     ours = {}
-    for name, unroll in (("layer scan", 1), ("layers unrolled", True)):
-        sampler = Sampler(model, buckets=(prompt_len,), chunk=32, unroll=unroll)
+    for name, per_layer in (("per-layer loop", True), ("stacked scan", False)):
+        sampler = Sampler(model, buckets=(prompt_len,), chunk=32, per_layer=per_layer)
         first = SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.9)  # the prefill alone
         for warm in (sp, first, SamplingParams(max_new_tokens=new)):
             sampler.generate(prompts, warm, eos_ids=[])

@@ -246,7 +246,7 @@ def _sampler(plan: Plan):
     model = types.SimpleNamespace(params=params, config=plan.model, tokenizer=None, sharder=plan.sharder)
     sp = SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                         top_p=cfg.sampling.top_p if cfg.sampling.temperature > 0 else 1.0)
-    return Sampler(model, chunk=DECODE_CHUNK), sp, params
+    return Sampler(model, chunk=DECODE_CHUNK, per_layer=False), sp, params  # stacked, as on a TPU
 
 
 def lower_prefill(plan: Plan):

@@ -221,6 +221,7 @@ class Runner:
                 gens = self.sampler.generate(list(prompts[lo:lo + bs]), sp, batch_size=bs)
                 out += [self.task.postprocess(g.text) for g in gens]
                 bar.update(len(gens))
+        self.sampler.release()  # training needs the memory of its per-layer weights
         return out
 
     def _fits(self, prompt: str) -> bool:
