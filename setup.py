@@ -31,6 +31,7 @@ setup(
         "gguf": ["gguf>=0.17"],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # make test: two workers, one test file each at a time
             "torch==2.13.0",
             "transformers>=5.0",
             "accelerate>=1.0",

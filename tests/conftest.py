@@ -1,14 +1,23 @@
 """Shared fixtures. 8 fake CPU devices are requested before jax is imported anywhere, so the
 sharding tests can build a 2 x 4 mesh; single-device code simply runs on device 0."""
 
+import atexit
 import gzip
 import importlib.util
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Tiny test models are dominated by XLA's CPU compile time; optimization level 0 halves it.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# One persistent compilation cache for the session, inherited by the CLI runs the tests start: many tests (and
+# every rerun of a killed training run) compile the same programs again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sami_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -156,10 +156,9 @@ class KVCache:
             return z if sharder is None else sharder.constrain(z, axes)
 
         if per_layer:
-            k, v = tuple(zeros() for _ in range(config.num_layers)), tuple(zeros() for _ in range(config.num_layers))
-        else:
-            k, v = zeros(), zeros()
-        return cls(k=k, v=v, valid=jnp.zeros((batch, length), bool))
+            return cls(k=tuple(zeros() for _ in range(config.num_layers)),
+                       v=tuple(zeros() for _ in range(config.num_layers)), valid=jnp.zeros((batch, length), bool))
+        return cls(k=zeros(), v=zeros(), valid=jnp.zeros((batch, length), bool))
 
 
 def split_layers(params):
@@ -176,6 +175,7 @@ def split_layers(params):
         return NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])) if isinstance(s, NamedSharding) else s
 
     shardings = tuple(jax.tree.map(without_layer_axis, layers) for _ in range(n))
+
     def split(ls):
         return tuple(jax.tree.map(lambda a, i=i: a[i], ls) for i in range(n))
 
@@ -222,10 +222,12 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
         x, (k, v) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
         return x, (k.swapaxes(1, 2), v.swapaxes(1, 2))  # [b, kv, t, d], the cache's layout
 
+    per_layer = isinstance(params["layers"], tuple)
+    if per_layer != isinstance(cache.k, tuple):
+        raise ValueError("per-layer params (split_layers) need a per-layer cache (KVCache.create(per_layer=True)), "
+                         "and stacked params a stacked one")
     x = _embed(params, tokens_bt, sharder)
-    if isinstance(params["layers"], tuple):
-        if isinstance(cache.k, jax.Array):
-            raise ValueError("per-layer params need a per-layer cache: KVCache.create(..., per_layer=True)")
+    if per_layer:
         k, v = [], []
         for i, p in enumerate(params["layers"]):
             x, (k_i, v_i) = step(x, p if fresh else (p, cache.k[i], cache.v[i]))
