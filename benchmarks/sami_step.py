@@ -5,12 +5,17 @@ weights, sequences, loss and AdamW (with clipping), in one run.
     python benchmarks/sami_step.py --setting gpu-1.1b [--json PATH]      # GPU: 1.1B-shaped, bf16
 
 cpu (default): the real SmolLM2-135M-Instruct GGUF in float32; 4 queries x 2 constitutions x 2 responses
-  of 256 tokens (real HH-RLHF dialogues; the first 96 tokens are the "prompt", the loss covers the rest).
+  of 256 tokens, from 8 real HH-RLHF dialogues: pair (k, j) of query q is the first 96 tokens of dialogue
+  (q, k) (the "prompt") followed by tokens 96-255 of dialogue (q, j) (the response, which the loss covers),
+  so that, as in SAMI, every prompt meets every response of its query.
 gpu-1.1b: a TinyLlama-1.1B-shaped random model (HF's init, imported through our HF path); float32 master
   weights, bfloat16 compute (ours: compute_dtype; torch: autocast); 16 queries x 2 x 2 = 64 sequences of
-  512 tokens in 4 accumulated micro-batches of 4 queries. MFU = train FLOPs (sami_jax.perf.train_flops: the
-  vocabulary projection counted for the scored tokens only, for both sides) / time / peak. Ours runs with
-  the einsum attention and, on a GPU, with cuDNN flash attention (`attention_impl`), each a record.
+  512 tokens (random 128-token prompts and 384-token responses, paired the same way) in 4 accumulated
+  micro-batches of 4 queries. MFU = train FLOPs (sami_jax.perf.train_flops: the vocabulary projection
+  counted for the scored tokens only, for both sides) / time / peak: the FLOPs of the pairs, also for the
+  variant that shares prompts. Ours runs with the einsum attention, with each prompt shared by its
+  responses (`prompts_shared`: the same loss from fewer tokens) and, on a GPU, with cuDNN flash attention
+  (`attention_impl`), each a record.
 
 The reference is the authors' step in plain PyTorch: per micro-batch a forward over the q*c*c sequences,
 token log-probs in float32, masked mean per sequence, the [q, c, c] matrix, the symmetric InfoNCE loss,
@@ -63,6 +68,14 @@ def torch_sami_step(torch, model, opt, batches, autocast):
     return float(np.mean(losses))
 
 
+def pairs(prompts, responses):
+    """tokens [..., q, c, c, t]: pair (k, j) is prompts[..., q, k] followed by responses[..., q, j]."""
+    *lead, c, p = prompts.shape
+    r = responses.shape[-1]
+    return np.concatenate([np.broadcast_to(prompts[..., :, None, :], (*lead, c, c, p)),
+                           np.broadcast_to(responses[..., None, :, :], (*lead, c, c, r))], axis=-1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=("cpu", "gpu-1.1b"), default="cpu")
@@ -70,8 +83,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
-    parser.add_argument("--variants", help="ours as attention:remat pairs, comma-separated (default: einsum:none on "
-                        "cpu; einsum:dots_no_batch,cudnn:dots_no_batch on gpu-1.1b)")
+    parser.add_argument("--variants", help="ours as attention:remat[:shared], comma-separated (default: einsum:none,"
+                        "einsum:none:shared on cpu; the same with dots_no_batch and cudnn:dots_no_batch on gpu-1.1b)")
     parser.add_argument("--smoke", action="store_true", help="gpu-1.1b shapes shrunk, to test the script on a CPU")
     args = parser.parse_args()
     gpu = args.setting == "gpu-1.1b"
@@ -98,7 +111,9 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**shape), dtype=torch.float32)
         hf.save_pretrained(tmp / "model")
         source, label = tmp / "model", f"{'smoke' if args.smoke else '1.1B'} bf16 compute, {q * c * c} seq x {t}"
-        tokens = rng.integers(3, shape["vocab_size"], (micro, q // micro, c, c, t))
+        shape_q = (micro, q // micro, c)
+        tokens = pairs(rng.integers(3, shape["vocab_size"], (*shape_q, prompt_len)),
+                       rng.integers(3, shape["vocab_size"], (*shape_q, t - prompt_len)))
     else:
         from sami_jax.demo import smollm2_gguf
 
@@ -112,8 +127,8 @@ def main() -> None:
         tok = load_tokenizer(gguf)
         with gzip.open(HH, "rt") as f:
             ids = [tok.encode(json.loads(line)["chosen"]) for line in f]
-        ids = [x[:t] for x in ids if len(x) >= t][: q * c * c]
-        tokens = np.asarray(ids).reshape(micro, q, c, c, t)
+        ids = np.asarray([x[:t] for x in ids if len(x) >= t][: q * c]).reshape(micro, q, c, t)
+        tokens = pairs(ids[..., :prompt_len], ids[..., prompt_len:])
     attention = np.ones_like(tokens)
     loss_mask = np.zeros_like(tokens)
     loss_mask[..., prompt_len:] = 1
@@ -154,18 +169,18 @@ def main() -> None:
     del model
     optim = OptimConfig(name="adamw", learning_rate=lr, weight_decay=0.01, clip_norm=1.0, schedule="constant")
     arrays = [jnp.asarray(a) for a in (tokens, attention, loss_mask)]
-    default = "einsum:dots_no_batch,cudnn:dots_no_batch" if gpu and device == "cuda" else (
-        "einsum:dots_no_batch" if gpu else "einsum:none")
-    variants = [v.split(":") for v in (args.variants or default).split(",")]
+    remat = "dots_no_batch" if gpu else "none"
+    default = f"einsum:{remat},einsum:{remat}:shared" + (f",cudnn:{remat}" if gpu and device == "cuda" else "")
+    variants = [[*v.split(":"), ""][:3] for v in (args.variants or default).split(",")]
     n_tokens = tokens.size
     peak = peak_flops(jax.devices()[0])
     flops = train_flops(config, n_tokens, t, logit_tokens=int(loss_mask.sum()))
     ref_tps = n_tokens / ref_s
     records = []
     print(f"{'setting':70s} {'ours tok/s':>11s} {'ref tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'ref MFU':>8s}")
-    for impl, remat in variants:
+    for impl, remat, shared in variants:
         kwargs = dict(config=config, optim=optim, compute_dtype=jnp.bfloat16 if gpu else None, remat=remat,
-                      response_len=response_window(loss_mask), attention_impl=impl)
+                      response_len=response_window(loss_mask), attention_impl=impl, prompts_shared=shared == "shared")
         state = init_train_state(params, optim)
         try:
             start = time.perf_counter()
@@ -185,7 +200,7 @@ def main() -> None:
         ours_s = (time.perf_counter() - start) / args.steps
         del state
         ours_tps = n_tokens / ours_s
-        setting = f"{label}, attention {impl}, remat {remat}"
+        setting = f"{label}, attention {impl}, remat {remat}{', prompts shared' if shared else ''}"
         record = {"setting": setting, "ours": ours_tps, "reference": ref_tps, "unit": "tokens/s",
                   "ratio": ours_tps / ref_tps, "ours_compile_s": compile_s, "device": jax.devices()[0].device_kind,
                   "first_losses": {"ours": our_losses, "reference": ref_losses}}

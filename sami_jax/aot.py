@@ -234,7 +234,8 @@ def lower_sami_step(plan: Plan):
                                  sharding=plan.sharder.sharding(shape, (None, "batch", None, None, None)))
     lowered = sami_step.lower(state, batch, batch, batch, config=plan.model, optim=optim, reduce=cfg.train.reduce,
                               remat=cfg.train.remat, compute_dtype=_compute_dtype(cfg), sharder=plan.sharder,
-                              response_len=plan.response_len, attention_impl="einsum")
+                              response_len=plan.response_len, attention_impl="einsum",
+                              prompts_shared=cfg.train.share_prompts)
     sequences = math.prod(shape[:-1])
     return lowered, train_flops(plan.model, sequences * plan.seq_len, plan.seq_len,
                                 logit_tokens=sequences * plan.response_len)

@@ -189,7 +189,10 @@ class Runner:
         # Scoring runs in the params' dtype; cuDNN needs bf16/fp16 there too.
         low_precision_params = jnp.dtype(config.model.param_dtype) in (jnp.bfloat16, jnp.float16)
         self.score_attention = self.attention_impl if low_precision_params else "einsum"
-        self._score_fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len", "attention_impl"))
+        self.shared = config.train.share_prompts and self.attention_impl == "einsum"
+        self.score_shared = config.train.share_prompts and self.score_attention == "einsum"
+        self._score_fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len", "prompts_shared",
+                                                                  "attention_impl"))
         self.peak = peak_flops(jax.devices()[0])
         self._judge = None  # made on first use (a local judge loads a model)
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -330,7 +333,7 @@ class Runner:
         seq_len, response_len = self._lengths(records)
         kwargs = dict(config=self.base.config, optim=self.optim, reduce=cfg.train.reduce, remat=cfg.train.remat,
                       compute_dtype=self.compute_dtype, sharder=self.sharder, response_len=response_len,
-                      attention_impl=self.attention_impl)
+                      attention_impl=self.attention_impl, prompts_shared=self.shared)
         arrays, _, _ = self._step_batch(records, start, seq_len, response_len)
         t0 = time.perf_counter()
         step_fn = sami_step.lower(state, *arrays, **kwargs).compile()
@@ -489,6 +492,7 @@ class Runner:
                                             for x in (batch.tokens, batch.attention, batch.loss_mask))
             m = host_array(self._score_fn(params, self.base.config, tokens, attention, loss_mask,
                                           reduce="sum", response_len=response_window(batch.loss_mask, 32),
+                                          prompts_shared=self.score_shared,
                                           attention_impl=self.score_attention))[: len(ps)]
             empty = np.array([[not y for y in row] for row in ys])
             out.append(np.where(empty[:, None, :], 0.0, m))

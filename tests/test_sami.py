@@ -1,5 +1,8 @@
 """The SAMI objective against the paper's loss vectors, a numpy loop, and HF transformers' log-probs."""
 
+import pathlib
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +115,47 @@ def test_logprob_matrix_matches_hf(llama):
     assert all(np.isfinite(norms)) and min(norms) > 0
 
 
+def test_shared_prompts_match_hf_per_sequence():
+    """Each prompt run once for its responses (`prompts_shared`) on a sliding-window Mistral with 3
+    constitutions: M equals transformers' per-sequence log-probs, also where a pair is longer than the
+    window (which then counts positions, not the packed row's slots), and so do the packed rows' parts."""
+    from sami_jax.sami import share_prompts
+
+    hf = tiny.hf_model("mistral_window")  # window 12
+    with tempfile.TemporaryDirectory() as d:
+        model = sami_jax.load_model(tiny.save(hf, pathlib.Path(d)))
+    rng = np.random.default_rng(3)
+    q, c = 2, 3
+    prompts = [[rng.integers(3, 256, rng.integers(3, 11)).tolist() for _ in range(c)] for _ in range(q)]
+    responses = [[rng.integers(3, 256, rng.integers(1, 14)).tolist() for _ in range(c)] for _ in range(q)]
+    t = 24
+    tokens, attention, loss_mask = (np.zeros((q, c, c, t), np.int32) for _ in range(3))
+    ref = {"mean": np.zeros((q, c, c)), "sum": np.zeros((q, c, c))}
+    for i, k, j in np.ndindex(q, c, c):
+        p, r = prompts[i][k], responses[i][j]
+        tokens[i, k, j, :len(p) + len(r)] = p + r
+        attention[i, k, j, :len(p) + len(r)] = 1
+        loss_mask[i, k, j, len(p):len(p) + len(r)] = 1
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([p + r])).logits[0].double(), -1)
+        lp = [logp[len(p) - 1 + n, tok].item() for n, tok in enumerate(r)]
+        ref["mean"][i, k, j], ref["sum"][i, k, j] = np.mean(lp), np.sum(lp)
+    assert int(attention.sum(-1).max()) > 12  # some pair is longer than the window
+    window = response_window(loss_mask, multiple=1)
+    packed = share_prompts(tokens, attention, loss_mask, window)
+    row = packed["tokens"].reshape(q, c, -1)[1, 2]  # query 1, prompt 2: the prompt, then each response once
+    seg = packed["segments"].reshape(q, c, -1)[1, 2]
+    assert row[seg == 0].tolist() == prompts[1][2]
+    for j in range(c):
+        assert row[seg == j + 1].tolist() == responses[1][j]
+    fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len", "prompts_shared"))
+    for reduce in ("mean", "sum"):
+        ours = fn(model.params, model.config, tokens, attention, loss_mask, reduce, window, prompts_shared=True)
+        np.testing.assert_allclose(ours, ref[reduce], atol=1e-5 if reduce == "mean" else 1e-4)
+    with pytest.raises(ValueError, match="prompts_shared needs response_len"):
+        logprob_matrix(model.params, model.config, tokens, attention, loss_mask, prompts_shared=True)
+
+
 def test_pair_batch_masks_response_tokens_only(smollm2_gguf):
     from sami_jax.tokenizer import load_tokenizer
 
@@ -138,7 +182,8 @@ def test_pair_batch_masks_response_tokens_only(smollm2_gguf):
 
 def test_logprob_matrix_on_smollm2_matches_transformers(smollm2_gguf, smollm2_transformers, hh_texts):
     """2 real HH queries x 2 paper constitutions (training prompt) x 2 real responses on SmolLM2-135M:
-    M from our batch (response-window path) == transformers' per-sequence log-probs (mean and sum)."""
+    M from our batch (response-window path; pairs, and prompts shared) == transformers' per-sequence
+    log-probs (mean and sum)."""
     from sami_jax.data.constitutions import load_constitutions
     from sami_jax.data.queries import first_human_turn
     from sami_jax.data.tasks import get_task
@@ -152,10 +197,11 @@ def test_logprob_matrix_on_smollm2_matches_transformers(smollm2_gguf, smollm2_tr
     responses = [[d.split("Assistant:")[1].split("\n\nHuman:")[0].strip()[:200] for d in hh_texts[2:4]]] * 2
     prompts = [[task.training_prompt(c, q) for c in cons] for q in queries]
     batch = build_pair_batch(model.tokenizer, prompts, responses)
-    for reduce in ("mean", "sum"):
+    for reduce, shared in (("mean", False), ("sum", False), ("mean", True), ("sum", True)):
         diffs = []
         ours = np.asarray(logprob_matrix(model.params, model.config, batch.tokens, batch.attention, batch.loss_mask,
-                                         reduce=reduce, response_len=response_window(batch.loss_mask)))
+                                         reduce=reduce, response_len=response_window(batch.loss_mask),
+                                         prompts_shared=shared))
         for i in range(2):
             for k in range(2):
                 for j in range(2):
@@ -169,4 +215,4 @@ def test_logprob_matrix_on_smollm2_matches_transformers(smollm2_gguf, smollm2_tr
                     # the scored positions are exactly the response's tokens
                     assert batch.loss_mask[i, k, j].sum() == len(r)
                     assert batch.tokens[i, k, j][batch.loss_mask[i, k, j] == 1].tolist() == r
-        assert max(diffs) <= 1e-3, (reduce, diffs)
+        assert max(diffs) <= 1e-3, (reduce, shared, diffs)

@@ -93,8 +93,10 @@ def test_accumulation_equals_one_big_batch(model):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_sharded_step_equals_single_device(model, tmp_path_factory):
-    """The step on a 2 (fsdp) x 4 (tensor) mesh of 8 CPU devices, batch sharded, equals one device."""
+@pytest.mark.parametrize("shared", [False, True], ids=["pairs", "prompts_shared"])
+def test_sharded_step_equals_single_device(model, tmp_path_factory, shared):
+    """The step on a 2 (fsdp) x 4 (tensor) mesh of 8 CPU devices, batch sharded, equals one device; with
+    each prompt run once for its responses (`prompts_shared`) too, against the single-device pair step."""
     optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant", clip_norm=1.0)
     tokens, att, lm = (x.reshape(2, 2, *x.shape[1:]) for x in _batch(4, seed=2))
     single, single_metrics = sami_step(init_train_state(model.params, optim), tokens, att, lm,
@@ -105,8 +107,9 @@ def test_sharded_step_equals_single_device(model, tmp_path_factory):
     assert sharded_model.params["layers"]["self_attn"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
     batch_sharding = sharder.sharding(tokens.shape, (None, "batch", None, None, None))
     arrays = [jax.device_put(x, batch_sharding) for x in (tokens, att, lm)]
+    extra = dict(prompts_shared=True, response_len=16) if shared else {}
     state, metrics = sami_step(init_train_state(sharded_model.params, optim), *arrays, config=model.config,
-                               optim=optim, sharder=sharder)
+                               optim=optim, sharder=sharder, **extra)
     q_proj = state.params["layers"]["self_attn"]["q_proj"]
     assert q_proj.sharding.is_equivalent_to(sharded_model.params["layers"]["self_attn"]["q_proj"].sharding, 4)
     np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-5)

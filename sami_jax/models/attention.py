@@ -66,6 +66,20 @@ def attention_mask(q_idx_bt: jax.Array, kv_idx_bs: jax.Array, kv_valid_bs: jax.A
     return mask
 
 
+def prefix_segment_mask(segments_bt: jax.Array, positions_bt: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Boolean [b, t, t] for rows packed as a prefix (segment 0) followed by segments 1, 2, ... that each
+    continue it alone (SAMI's prompt shared by its responses): token i sees token m <= i when m is in the
+    prefix or in i's own segment; segments < 0 are padding, never seen. Sliding windows count RoPE
+    positions, since a later segment's slots lie after the earlier segments' slots.
+    """
+    idx = jnp.arange(segments_bt.shape[1], dtype=jnp.int32)
+    seg_q, seg_k = segments_bt[:, :, None], segments_bt[:, None, :]
+    mask = (idx[None, None, :] <= idx[None, :, None]) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    if sliding_window is not None:
+        mask &= positions_bt[:, :, None] - positions_bt[:, None, :] < sliding_window
+    return mask
+
+
 def fused_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, lengths_b: jax.Array,
                     sliding_window: int | None, implementation: str | None = "cudnn") -> jax.Array:
     """Causal attention over right-padded rows of `lengths_b` real tokens through

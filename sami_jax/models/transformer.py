@@ -84,7 +84,7 @@ def _embed(params, tokens_bt, sharder: Sharder | None) -> jax.Array:
 def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.Array | None = None,
             positions_bt: jax.Array | None = None, remat: str = "none", moe_impl: str = "dropless",
             sharder: Sharder | None = None, logit_positions_bn: jax.Array | None = None,
-            attention_impl: str = "einsum") -> jax.Array:
+            attention_impl: str = "einsum", segments_bt: jax.Array | None = None) -> jax.Array:
     """Logits float32 [b, t, v] for token ids [b, t] ([b, n, v] with logit_positions_bn).
 
     mask_bt: 1 for real tokens, 0 for padding (left or right); padding keys are never attended.
@@ -95,16 +95,24 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
     tokens of a scored sequence), which saves its FLOPs and the [b, t, v] buffer everywhere else.
     attention_impl: "einsum" (any padding; scores materialized) or "cudnn" (flash attention on NVIDIA
     GPUs in bf16; rows must be right-padded, as SAMI's pair batches are).
+    segments_bt: rows packed as a shared prefix and segments that each continue it alone
+    (`attention.prefix_segment_mask`; mask_bt is then ignored and positions_bt required); einsum only.
     """
     if attention_impl not in ("einsum", "cudnn"):
         raise ValueError(f"attention_impl must be 'einsum' or 'cudnn', got {attention_impl!r}")
     b, t = tokens_bt.shape
-    mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
-    if positions_bt is None:
-        positions_bt = positions_from_mask(mask_bt)
+    if segments_bt is not None:
+        if attention_impl != "einsum" or positions_bt is None:
+            raise ValueError("segments_bt needs attention_impl='einsum' and positions_bt")
+        mask_bt = segments_bt >= 0
+        mask_bts = attention.prefix_segment_mask(segments_bt, positions_bt, config.sliding_window)
+    else:
+        mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
+        if positions_bt is None:
+            positions_bt = positions_from_mask(mask_bt)
+        idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask_bts = attention.attention_mask(idx_bt, idx_bt, mask_bt, config.sliding_window)
     cos, sin = attention.rope_cos_sin(positions_bt, attention.rope_inv_freq(config))
-    idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask_bts = attention.attention_mask(idx_bt, idx_bt, mask_bt, config.sliding_window)
 
     x = _embed(params, tokens_bt, sharder)
 
