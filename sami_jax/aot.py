@@ -224,7 +224,8 @@ def _compute_dtype(config):
 
 
 def lower_sami_step(plan: Plan):
-    """(lowered sami_step, analytic model FLOPs) for one optimizer update of the plan's shapes."""
+    """(lowered sami_step, analytic model FLOPs) for one optimizer update of the plan's shapes; the FLOPs of
+    the program as it runs (packed rows when prompts are shared), not of the pairs."""
     cfg = plan.config
     optim = OptimConfig(**dict(cfg.optim))
     state = abstract_train_state(plan.model, optim, plan.sharder, jnp.dtype(cfg.model.param_dtype))
@@ -237,8 +238,10 @@ def lower_sami_step(plan: Plan):
                               response_len=plan.response_len, attention_impl="einsum",
                               prompts_shared=cfg.train.share_prompts)
     sequences = math.prod(shape[:-1])
-    return lowered, train_flops(plan.model, sequences * plan.seq_len, plan.seq_len,
-                                logit_tokens=sequences * plan.response_len)
+    rows, length = sequences, plan.seq_len
+    if cfg.train.share_prompts:  # the program runs packed rows: one per prompt, its c responses after it
+        rows, length = sequences // c, plan.seq_len + (c - 1) * plan.response_len
+    return lowered, train_flops(plan.model, rows * length, length, logit_tokens=sequences * plan.response_len)
 
 
 def _sampler(plan: Plan):

@@ -6,6 +6,9 @@ with `lax.scan` (one compiled layer whatever the depth) under a configurable rem
 
 from __future__ import annotations
 
+import functools
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -36,21 +39,66 @@ def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def _matmuls(x, ws, n_in: int = 1) -> tuple[jax.Array, ...]:
+    """x [..., *in] times each w [*in, *out] (the last n_in dims of x against the first n_in of w):
+    a tuple of [..., *out], one matmul per weight over x flattened to [tokens, in]."""
+    lead, width = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    x2 = x.reshape(-1, width)
+    return tuple((x2 @ w.reshape(width, -1)).reshape(*lead, *w.shape[n_in:]) for w in ws)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmuls_cpu(x, ws, n_in):
+    """`_matmuls` whose backward pass forms each weight's gradient as x^T [in, tokens] @ dy [tokens, out],
+    with x^T materialized once for all the weights that share x. Left to autodiff, XLA's CPU backend
+    contracts the tokens by copying each [tokens, out] output gradient into a transposed layout in a
+    loop fusion that reads it with a stride: about 0.4 s per SmolLM2 layer in a 4,096-token step, more
+    than a third of the MLP's backward. Same values; used on the CPU only (GPUs and TPUs transpose in
+    their matmuls)."""
+    return _matmuls(x, ws, n_in)
+
+
+def _matmuls_cpu_fwd(x, ws, n_in):
+    return _matmuls(x, ws, n_in), (x, ws)
+
+
+def _matmuls_cpu_bwd(n_in, res, dys):
+    x, ws = res
+    width = math.prod(x.shape[x.ndim - n_in:])
+    x2 = x.reshape(-1, width)
+    x_t = jax.lax.optimization_barrier(x2.T)  # kept apart, or XLA folds it back into each dot
+    dx, dws = None, []
+    for w, dy in zip(ws, dys, strict=True):
+        w2, dy2 = w.reshape(width, -1), dy.reshape(x2.shape[0], -1)
+        part = dy2 @ w2.T
+        dx = part if dx is None else dx + part
+        dws.append((x_t @ dy2).reshape(w.shape).astype(w.dtype))
+    return dx.reshape(x.shape).astype(x.dtype), tuple(dws)
+
+
+_matmuls_cpu.defvjp(_matmuls_cpu_fwd, _matmuls_cpu_bwd)
+
+
+def _project(x, ws, n_in: int = 1) -> tuple[jax.Array, ...]:
+    """`_matmuls`, with `_matmuls_cpu`'s backward where the program is lowered for a CPU (chosen at
+    lowering, so that a TPU program compiled ahead of time on a CPU host keeps autodiff's)."""
+    return jax.lax.platform_dependent(x, tuple(ws), cpu=lambda x, ws: _matmuls_cpu(x, ws, n_in),
+                                      default=lambda x, ws: _matmuls(x, ws, n_in))
+
+
 def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, cos, sin, attend):
     """One decoder layer. `attend(q, k, v) -> (out [b, t, h, d], aux)` does the attention proper, so the
     same layer serves the full-sequence pass and the KV-cache pass; returns (x, aux)."""
     c = config
     h = rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, p["self_attn"]["q_proj"])
-    k = jnp.einsum("btd,dhk->bthk", h, p["self_attn"]["k_proj"])
-    v = jnp.einsum("btd,dhk->bthk", h, p["self_attn"]["v_proj"])
+    q, k, v = _project(h, [p["self_attn"][n] for n in ("q_proj", "k_proj", "v_proj")])
     if sharder is not None:
         q = sharder.constrain(q, ("batch", None, "heads", None))
         k = sharder.constrain(k, ("batch", None, "kv_heads", None))
         v = sharder.constrain(v, ("batch", None, "kv_heads", None))
     q, k = attention.apply_rope(q, cos, sin), attention.apply_rope(k, cos, sin)
     a, aux = attend(q, k, v)
-    x = x + jnp.einsum("bthk,hkd->btd", a, p["self_attn"]["o_proj"])
+    x = x + _project(a, [p["self_attn"]["o_proj"]], n_in=2)[0]
     h = rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)
     if c.is_moe:
         m = p["block_sparse_moe"]
@@ -59,8 +107,8 @@ def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, co
                                     c.num_experts_per_tok).reshape(b, t, d)
     else:
         m = p["mlp"]
-        g = jax.nn.silu(jnp.einsum("btd,df->btf", h, m["gate_proj"])) * jnp.einsum("btd,df->btf", h, m["up_proj"])
-        y = jnp.einsum("btf,fd->btd", g, m["down_proj"])
+        gate, up = _project(h, [m["gate_proj"], m["up_proj"]])
+        y = _project(jax.nn.silu(gate) * up, [m["down_proj"]])[0]
     x = x + y
     if sharder is not None:
         x = sharder.constrain(x, ("batch", None, None))
