@@ -7,7 +7,7 @@ weights, sequences, loss and AdamW (with clipping), in one run.
 cpu (default): the real SmolLM2-135M-Instruct GGUF in float32; 4 queries x 2 constitutions x 2 responses
   of 256 tokens, from 8 real HH-RLHF dialogues: pair (k, j) of query q is the first 96 tokens of dialogue
   (q, k) (the "prompt") followed by tokens 96-255 of dialogue (q, j) (the response, which the loss covers),
-  so that, as in SAMI, every prompt meets every response of its query.
+  so that, as in SAMI, every prompt meets every response of its query. `--prompt-len` moves the split.
 gpu-1.1b: a TinyLlama-1.1B-shaped random model (HF's init, imported through our HF path); float32 master
   weights, bfloat16 compute (ours: compute_dtype; torch: autocast); 16 queries x 2 x 2 = 64 sequences of
   512 tokens (random 128-token prompts and 384-token responses, paired the same way) in 4 accumulated
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
     parser.add_argument("--variants", help="ours as attention:remat[:shared], comma-separated (default: einsum:none,"
                         "einsum:none:shared on cpu; the same with dots_no_batch and cudnn:dots_no_batch on gpu-1.1b)")
+    parser.add_argument("--prompt-len", type=int, help="prompt tokens of each 256-token cpu pair (default 96)")
     parser.add_argument("--smoke", action="store_true", help="gpu-1.1b shapes shrunk, to test the script on a CPU")
     args = parser.parse_args()
     gpu = args.setting == "gpu-1.1b"
@@ -120,8 +121,8 @@ def main() -> None:
         gguf = smollm2_gguf()
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                                dtype=torch.float32)
-        source, label = gguf, "SmolLM2-135M f32, 4 q x 2 x 2 x 256 tokens"
-        q, c, t, micro, prompt_len = 4, 2, 256, 1, 96
+        source, label = gguf, f"SmolLM2-135M f32, 4 q x 2 x 2 x 256 tokens ({args.prompt_len or 96} prompt)"
+        q, c, t, micro, prompt_len = 4, 2, 256, 1, args.prompt_len or 96
         from sami_jax.tokenizer import load_tokenizer
 
         tok = load_tokenizer(gguf)

@@ -355,7 +355,7 @@ class Runner:
                         f"last good checkpoint ({'none' if kept is None else f'step {kept}'}) in "
                         f"{self.workdir / 'checkpoints'} is intact; lower optim.learning_rate or check the data.")
                 metrics["tokens_per_s"] = real_tokens / dt
-                if self.peak:
+                if self.peak:  # the pairs' FLOPs, shared prompts or not: the work the authors' step does
                     flops = train_flops(self.base.config, arrays[0].size, seq_len, logit_tokens=scored)
                     metrics["mfu"] = flops / dt / self.peak
                 if s == start:

@@ -66,14 +66,16 @@ def _matmuls_cpu_bwd(n_in, res, dys):
     x, ws = res
     width = math.prod(x.shape[x.ndim - n_in:])
     x2 = x.reshape(-1, width)
-    x_t = jax.lax.optimization_barrier(x2.T)  # kept apart, or XLA folds it back into each dot
-    dx, dws = None, []
-    for w, dy in zip(ws, dys, strict=True):
-        w2, dy2 = w.reshape(width, -1), dy.reshape(x2.shape[0], -1)
-        part = dy2 @ w2.T
-        dx = part if dx is None else dx + part
-        dws.append((x_t @ dy2).reshape(w.shape).astype(w.dtype))
-    return dx.reshape(x.shape).astype(x.dtype), tuple(dws)
+    dy2s = [dy.reshape(x2.shape[0], -1) for dy in dys]
+    barrier = jax.lax.optimization_barrier  # keeps each transpose apart, or XLA folds it back into the dot
+    if width <= sum(dy2.shape[1] for dy2 in dy2s):  # transpose the narrower side: x once, for every weight
+        x_t = barrier(x2.T)
+        dws = [x_t @ dy2 for dy2 in dy2s]
+    else:  # e.g. the MLP's down projection: dW^T = dy^T @ x, then a transpose of the small result
+        dws = [(barrier(dy2.T) @ x2).T for dy2 in dy2s]
+    dx = sum(dy2 @ w.reshape(width, -1).T for w, dy2 in zip(ws, dy2s, strict=True))
+    return dx.reshape(x.shape).astype(x.dtype), tuple(dw.reshape(w.shape).astype(w.dtype)
+                                                      for dw, w in zip(dws, ws, strict=True))
 
 
 _matmuls_cpu.defvjp(_matmuls_cpu_fwd, _matmuls_cpu_bwd)
