@@ -50,7 +50,8 @@ def _matmuls(x, ws, n_in: int = 1) -> tuple[jax.Array, ...]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmuls_cpu(x, ws, n_in):
     """`_matmuls` whose backward pass forms each weight's gradient as x^T [in, tokens] @ dy [tokens, out],
-    with x^T materialized once for all the weights that share x. Left to autodiff, XLA's CPU backend
+    with x^T materialized once for all the weights that share x (or, where x is wider than the outputs,
+    as the transpose of dy^T @ x). Left to autodiff, XLA's CPU backend
     contracts the tokens by copying each [tokens, out] output gradient into a transposed layout in a
     loop fusion that reads it with a stride: about 0.4 s per SmolLM2 layer in a 4,096-token step, more
     than a third of the MLP's backward. Same values; used on the CPU only (GPUs and TPUs transpose in
@@ -154,7 +155,6 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
     if segments_bt is not None:
         if attention_impl != "einsum" or positions_bt is None:
             raise ValueError("segments_bt needs attention_impl='einsum' and positions_bt")
-        mask_bt = segments_bt >= 0
         mask_bts = attention.prefix_segment_mask(segments_bt, positions_bt, config.sliding_window)
     else:
         mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
