@@ -76,6 +76,24 @@ def llama(tmp_path_factory):
     return hf, sami_jax.load_model(tiny.save(hf, tmp_path_factory.mktemp("llama")))
 
 
+def _pairs_and_hf_logprobs(hf, prompts, responses, t):
+    """Pair arrays [q, c, c, t] (prompt k + response j, right-padded) and transformers' mean and summed
+    token log-probs of response j after prompt k, one sequence at a time ({"mean", "sum"}: [q, c, c])."""
+    q, c = len(prompts), len(prompts[0])
+    tokens, attention, loss_mask = (np.zeros((q, c, c, t), np.int32) for _ in range(3))
+    ref = {"mean": np.zeros((q, c, c)), "sum": np.zeros((q, c, c))}
+    for i, k, j in np.ndindex(q, c, c):
+        p, r = prompts[i][k], responses[i][j]
+        tokens[i, k, j, :len(p) + len(r)] = p + r
+        attention[i, k, j, :len(p) + len(r)] = 1
+        loss_mask[i, k, j, len(p):len(p) + len(r)] = 1
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([p + r])).logits[0].double(), -1)
+        lp = [logp[len(p) - 1 + n, tok].item() for n, tok in enumerate(r)]
+        ref["mean"][i, k, j], ref["sum"][i, k, j] = np.mean(lp), np.sum(lp)
+    return tokens, attention, loss_mask, ref
+
+
 def test_logprob_matrix_matches_hf(llama):
     """M[q, k, j] from our vmapped function == the mean (and sum) of transformers' token log-probs of
     response j after prompt k, one sequence at a time."""
@@ -84,22 +102,8 @@ def test_logprob_matrix_matches_hf(llama):
     q, c, t = 2, 2, 24
     prompts = [[rng.integers(3, 256, rng.integers(4, 9)).tolist() for _ in range(c)] for _ in range(q)]
     responses = [[rng.integers(3, 256, rng.integers(3, 12)).tolist() for _ in range(c)] for _ in range(q)]
-    tokens = np.zeros((q, c, c, t), np.int32)
-    attention = np.zeros_like(tokens)
-    loss_mask = np.zeros_like(tokens)
-    ref_mean = np.zeros((q, c, c))
-    ref_sum = np.zeros((q, c, c))
-    for i in range(q):
-        for k in range(c):
-            for j in range(c):
-                p, r = prompts[i][k], responses[i][j]
-                tokens[i, k, j, :len(p) + len(r)] = p + r
-                attention[i, k, j, :len(p) + len(r)] = 1
-                loss_mask[i, k, j, len(p):len(p) + len(r)] = 1
-                with torch.no_grad():
-                    logp = torch.log_softmax(hf(torch.tensor([p + r])).logits[0].double(), -1)
-                lp = [logp[len(p) - 1 + n, tok].item() for n, tok in enumerate(r)]
-                ref_mean[i, k, j], ref_sum[i, k, j] = np.mean(lp), np.sum(lp)
+    tokens, attention, loss_mask, ref = _pairs_and_hf_logprobs(hf, prompts, responses, t)
+    ref_mean, ref_sum = ref["mean"], ref["sum"]
     fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len"))
     # Every position projected to the vocabulary, or only a window over the responses (the training path).
     for window in (None, response_window(loss_mask, multiple=1), 16):
@@ -128,18 +132,7 @@ def test_shared_prompts_match_hf_per_sequence():
     q, c = 2, 3
     prompts = [[rng.integers(3, 256, rng.integers(3, 11)).tolist() for _ in range(c)] for _ in range(q)]
     responses = [[rng.integers(3, 256, rng.integers(1, 14)).tolist() for _ in range(c)] for _ in range(q)]
-    t = 24
-    tokens, attention, loss_mask = (np.zeros((q, c, c, t), np.int32) for _ in range(3))
-    ref = {"mean": np.zeros((q, c, c)), "sum": np.zeros((q, c, c))}
-    for i, k, j in np.ndindex(q, c, c):
-        p, r = prompts[i][k], responses[i][j]
-        tokens[i, k, j, :len(p) + len(r)] = p + r
-        attention[i, k, j, :len(p) + len(r)] = 1
-        loss_mask[i, k, j, len(p):len(p) + len(r)] = 1
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(torch.tensor([p + r])).logits[0].double(), -1)
-        lp = [logp[len(p) - 1 + n, tok].item() for n, tok in enumerate(r)]
-        ref["mean"][i, k, j], ref["sum"][i, k, j] = np.mean(lp), np.sum(lp)
+    tokens, attention, loss_mask, ref = _pairs_and_hf_logprobs(hf, prompts, responses, t=24)
     assert int(attention.sum(-1).max()) > 12  # some pair is longer than the window
     window = response_window(loss_mask, multiple=1)
     packed = share_prompts(tokens, attention, loss_mask, window)
