@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
     parser.add_argument("--variants", help="ours as attention:remat[:shared], comma-separated (default: einsum:none,"
                         "einsum:none:shared on cpu; the same with dots_no_batch and cudnn:dots_no_batch on gpu-1.1b)")
-    parser.add_argument("--prompt-len", type=int, help="prompt tokens of each 256-token cpu pair (default 96)")
+    parser.add_argument("--prompt-len", type=int, default=96, help="prompt tokens of each 256-token cpu pair")
     parser.add_argument("--smoke", action="store_true", help="gpu-1.1b shapes shrunk, to test the script on a CPU")
     args = parser.parse_args()
     gpu = args.setting == "gpu-1.1b"
@@ -121,8 +121,8 @@ def main() -> None:
         gguf = smollm2_gguf()
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                                dtype=torch.float32)
-        source, label = gguf, f"SmolLM2-135M f32, 4 q x 2 x 2 x 256 tokens ({args.prompt_len or 96} prompt)"
-        q, c, t, micro, prompt_len = 4, 2, 256, 1, args.prompt_len or 96
+        source, label = gguf, f"SmolLM2-135M f32, 4 q x 2 x 2 x 256 tokens ({args.prompt_len} prompt)"
+        q, c, t, micro, prompt_len = 4, 2, 256, 1, args.prompt_len
         from sami_jax.tokenizer import load_tokenizer
 
         tok = load_tokenizer(gguf)

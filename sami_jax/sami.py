@@ -189,9 +189,9 @@ def share_prompts(tokens_qcct, attention_qcct, loss_mask_qcct, response_len: int
                                  plen[..., None] + jnp.tile(r, c - 1)[None, None]], axis=-1)
     # response 0's token r sits at slot plen + r; response j's at slot t + (j - 1) n + r; each is scored from
     # the slot before it, and the first token of every response from the prompt's last slot
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), t + n * jnp.arange(c - 1, dtype=jnp.int32)])
-    pred = jnp.where(r == 0, plen[:, :, None, None] - 1,
-                     jnp.where(jnp.arange(c)[:, None] == 0, plen[:, :, None, None], starts[:, None]) + r - 1)
+    starts = jnp.concatenate([plen[..., None], jnp.broadcast_to(t + n * jnp.arange(c - 1, dtype=jnp.int32),
+                                                                (q, c, c - 1))], axis=-1)  # [q, c, c]
+    pred = jnp.where(r == 0, plen[:, :, None, None] - 1, starts[..., None] + r - 1)
     targets = jnp.concatenate([jnp.take_along_axis(first, jnp.minimum(plen[..., None] + r, t - 1), -1)[:, :, None],
                                jnp.broadcast_to(extra[:, None], (q, c, c - 1, n))], axis=2)
     mask = jnp.broadcast_to(r < rlen[:, None, :, None], (q, c, c, n))
