@@ -10,7 +10,14 @@ import torch
 from transformers.generation import logits_process
 
 import sami_jax
-from sami_jax.models.transformer import KVCache, forward, forward_cached, positions_from_mask, split_layers
+from sami_jax.models.transformer import (
+    KVCache,
+    _matmuls_out_in,
+    forward,
+    forward_cached,
+    positions_from_mask,
+    split_layers,
+)
 from sami_jax.sampling import Sampler, SamplingParams, pick_tokens, process_logits
 
 FAMILIES = ["llama_kv2", "mistral_window", "mixtral_4x2"]
@@ -38,14 +45,15 @@ def _left_pad(rows, width):
     return tokens, mask
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
+@pytest.mark.parametrize("layout", ["stacked", "per_layer", "per_layer_out_in"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_cached_decode_equals_full_forward(saved, name, per_layer):
+def test_cached_decode_equals_full_forward(saved, name, layout):
     """Prefill 8 slots (left-padded), then decode 20 tokens one at a time: each step's logits equal the
     full-sequence forward at that position (past Mistral's window of 12). Stacked params and cache (layer
-    scan) and per-layer ones (layer loop)."""
+    scan), per-layer ones (layer loop), and per-layer with the projections stored [out, in]."""
     _, model = saved(name)
-    params = split_layers(model.params) if per_layer else model.params
+    per_layer = layout != "stacked"
+    params = split_layers(model.params, out_in=layout == "per_layer_out_in") if per_layer else model.params
     rows = [tiny.tokens(1, n, seed=i)[0] for i, n in enumerate([8, 5])]
     cont = tiny.tokens(2, 20, seed=9)
     prompt, pmask = _left_pad(rows, 8)
@@ -63,6 +71,21 @@ def test_cached_decode_equals_full_forward(saved, name, per_layer):
         logits, cache = step(params, jnp.asarray(cont[:, t:t + 1]), model.config, cache, jnp.int32(8 + t),
                              positions_bt=positions[:, 8 + t:9 + t], mask_bt=jnp.ones((2, 1), bool))
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, 8 + t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [16, 100], ids=["few_rows", "many_rows"])
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_matmuls_out_in_equal_numpy(rows, n_in):
+    """Weights stored [*out, *in]: both ways of forming the product (few rows: (W x^T)^T; many: x W^T)
+    equal numpy's x @ W with W in the params' [*in, *out] layout."""
+    rng = np.random.default_rng(0)
+    in_dims, out_dims = [(48,), (4, 12)][n_in - 1], [(40,), (6,)][n_in - 1]
+    x = rng.standard_normal((rows // 4, 4, *in_dims), dtype=np.float32)
+    w = rng.standard_normal((*in_dims, *out_dims), dtype=np.float32)
+    w_out_in = np.moveaxis(w, list(range(n_in)), list(range(w.ndim - n_in, w.ndim)))
+    (y,) = jax.jit(_matmuls_out_in, static_argnums=2)(jnp.asarray(x), [jnp.asarray(w_out_in)], n_in)
+    want = np.tensordot(x, w, axes=n_in)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -179,9 +202,13 @@ def test_sharded_greedy_equals_single_device(saved, tmp_path):
     a = sampler.generate(rows, sp, eos_ids=[])
     b = Sampler(single, buckets=(16,), per_layer=False).generate(rows, sp, eos_ids=[])
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    stacked = sharded.params["layers"]["self_attn"]["q_proj"].sharding.spec
-    for layer in sampler.run_params()["layers"]:
-        assert tuple(layer["self_attn"]["q_proj"].sharding.spec) == tuple(stacked[1:])
+    def spec(a):  # padded to one entry per dim
+        return (*a.sharding.spec, *(None,) * (a.ndim - len(a.sharding.spec)))
+
+    d, heads, head_dim = spec(sharded.params["layers"]["self_attn"]["q_proj"])[1:]
+    assert heads is not None  # sharded, so the check below means something
+    for layer in sampler.run_params()["layers"]:  # q_proj [heads, head_dim, d] on a CPU (OutIn)
+        assert spec(layer["self_attn"]["q_proj"].w) == (heads, head_dim, d)
 
 
 def test_bad_input(saved):

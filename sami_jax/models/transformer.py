@@ -82,9 +82,45 @@ def _matmuls_cpu_bwd(n_in, res, dys):
 _matmuls_cpu.defvjp(_matmuls_cpu_fwd, _matmuls_cpu_bwd)
 
 
+@flax.struct.dataclass
+class OutIn:
+    """A projection weight stored as [*out, *in], the transpose of the params tree's [*in, *out]
+    (`split_layers(out_in=True)`; the sampler's layout on a CPU, see `_matmuls_out_in`)."""
+
+    w: jax.Array
+
+
+# Rows up to which `_matmuls_out_in` multiplies as (W x^T)^T; measured on a 2-core Zen 2 (XLA CPU).
+_OUT_IN_MAX_ROWS = 64
+
+
+def _matmuls_out_in(x, ws, n_in: int, dtype=None) -> tuple[jax.Array, ...]:
+    """x [..., *in] times each w [*out, *in] (an `OutIn`'s array): a tuple of [..., *out].
+
+    With few rows (decoding), each product is formed as W [out, in] @ x^T [in, rows] and transposed
+    after a barrier (or XLA folds the transpose back into the dot): XLA's CPU GEMM runs a 16-row
+    SmolLM2 product 1.6-1.9x faster that way round, e.g. [16, 576] x [576, 1536] 1.10 -> 0.64 ms and
+    the [16, 576] x [576, 49152] vocab projection 29 -> 16 ms, weights read from memory as in a decode
+    step. With many rows, x @ W^T, as fast as the [*in, *out] layout."""
+    lead, width = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    x2 = x.reshape(-1, width)
+    out = []
+    for w in ws:
+        w2 = w.reshape(-1, width)
+        if x2.shape[0] <= _OUT_IN_MAX_ROWS:
+            y = jax.lax.optimization_barrier(jnp.matmul(w2, x2.T, preferred_element_type=dtype)).T
+        else:
+            y = jnp.matmul(x2, w2.T, preferred_element_type=dtype)
+        out.append(y.reshape(*lead, *w.shape[:w.ndim - n_in]))
+    return tuple(out)
+
+
 def _project(x, ws, n_in: int = 1) -> tuple[jax.Array, ...]:
     """`_matmuls`, with `_matmuls_cpu`'s backward where the program is lowered for a CPU (chosen at
-    lowering, so that a TPU program compiled ahead of time on a CPU host keeps autodiff's)."""
+    lowering, so that a TPU program compiled ahead of time on a CPU host keeps autodiff's); weights
+    given as `OutIn` go through `_matmuls_out_in`."""
+    if isinstance(ws[0], OutIn):
+        return _matmuls_out_in(x, [w.w for w in ws], n_in)
     return jax.lax.platform_dependent(x, tuple(ws), cpu=lambda x, ws: _matmuls_cpu(x, ws, n_in),
                                       default=lambda x, ws: _matmuls(x, ws, n_in))
 
@@ -120,8 +156,11 @@ def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, co
 
 def _logits(params, x, config: ModelConfig, sharder: Sharder | None) -> jax.Array:
     x = rms_norm(x, params["norm"], config.rms_norm_eps)
-    head_dv = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", x, head_dv, preferred_element_type=jnp.float32)
+    if isinstance(params.get("lm_head"), OutIn):
+        logits = _matmuls_out_in(x, [params["lm_head"].w], 1, jnp.float32)[0]
+    else:
+        head_dv = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+        logits = jnp.einsum("btd,dv->btv", x, head_dv, preferred_element_type=jnp.float32)
     if sharder is not None:
         logits = sharder.constrain(logits, ("batch", None, "vocab"))
     return logits
@@ -219,25 +258,52 @@ class KVCache:
         return cls(k=zeros(), v=zeros(), valid=jnp.zeros((batch, length), bool))
 
 
-def split_layers(params):
+# The dense projections' weights and how many leading dims of each are its input.
+_PROJECTION_INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
+                          "down_proj": 1}
+
+
+def split_layers(params, out_in: bool = False):
     """The params with "layers" as a tuple of per-layer trees, each leaf a buffer of its own (a copy, made
     on the params' devices with the same sharding less the layer axis). `forward_cached` then loops over
     the layers in Python instead of scanning the stacked arrays: a scan hands each layer's weights to the
     matmuls as a slice of the stack, which XLA copies out at every decode step on the CPU (a SmolLM2-135M
-    decode step at batch 1 spent 2.6 of its 3.0 s in those copies; the loop halves the step time)."""
+    decode step at batch 1 spent 2.6 of its 3.0 s in those copies; the loop halves the step time).
+
+    out_in: the dense projections' weights and the vocab projection as `OutIn` ([*out, *in]; the head of
+    tied embeddings is the embedding table itself, not a copy), for `_matmuls_out_in`."""
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
 
-    def without_layer_axis(a):
-        s = a.sharding
-        return NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])) if isinstance(s, NamedSharding) else s
+    def transposed(path, a):  # the permutation of a's per-layer dims that the layout asks for
+        n_in = _PROJECTION_INPUT_DIMS.get(getattr(path[-1], "key", None)) if out_in else None
+        dims = tuple(range(a.ndim - 1))
+        return dims if n_in is None else dims[n_in:] + dims[:n_in]
 
-    shardings = tuple(jax.tree.map(without_layer_axis, layers) for _ in range(n))
+    perms = jax.tree_util.tree_map_with_path(transposed, layers)
+
+    def sharding(a, perm):
+        s = a.sharding
+        if not isinstance(s, NamedSharding):
+            return s
+        spec = (*s.spec, *(None,) * (a.ndim - len(s.spec)))[1:]
+        return NamedSharding(s.mesh, PartitionSpec(*(spec[i] for i in perm)))
+
+    def wrap(a, perm):
+        return OutIn(a) if perm != tuple(range(len(perm))) else a
+
+    layer_shardings = jax.tree.map(lambda a, perm: wrap(sharding(a, perm), perm), layers, perms)
+    shardings = (layer_shardings,) * n
 
     def split(ls):
-        return tuple(jax.tree.map(lambda a, i=i: a[i], ls) for i in range(n))
+        return tuple(jax.tree.map(lambda a, perm, i=i: wrap(a[i].transpose(perm), perm), ls, perms)
+                     for i in range(n))
 
-    return {**params, "layers": jax.jit(split, out_shardings=shardings)(layers)}
+    out = {**params, "layers": jax.jit(split, out_shardings=shardings)(layers)}
+    if out_in:
+        out["lm_head"] = OutIn(params["embed_tokens"] if "lm_head" not in params else
+                               jax.jit(lambda w: w.T)(params["lm_head"]))
+    return out
 
 
 def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVCache, start: jax.Array, *,
@@ -250,35 +316,26 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
     with `fresh=True` (an empty cache, which is then not read); decoding is t = 1.
 
     mask_bt marks which of the new tokens are real (padding is never attended); positions_bt are their
-    RoPE positions. Each layer reads its cache slice as a scan input and returns only the new keys and
-    values; one update after the layer scan writes them all, in place when the cache is donated. (Carrying
-    the stacked cache through the scan and updating it per layer made XLA copy a layer's cache every step.)
-    last_only: logits for the last position only ([b, 1, v]); a prefill needs no more, and the vocab
-    projection of every prompt token is a large share of its FLOPs.
+    RoPE positions. last_only: logits for the last position only ([b, 1, v]); a prefill needs no more, and
+    the vocab projection of every prompt token is a large share of its FLOPs.
+
     Per-layer params (`split_layers`) and a per-layer cache (`KVCache.create(per_layer=True)`) run as a
-    Python loop over the layers, each reading and updating its own buffers; stacked ones as a layer scan.
+    Python loop over the layers, each writing the new keys and values into its own buffers and then
+    attending over them. Stacked ones run as a layer scan: each layer reads its cache slice as a scan
+    input and returns only the new keys and values, and one update after the scan writes them all, in
+    place when the cache is donated. (Carrying the stacked cache through the scan and updating it per
+    layer made XLA copy a layer's cache every step.)
     """
     b, t = tokens_bt.shape
     length = cache.valid.shape[1]
     cos, sin = attention.rope_cos_sin(positions_bt, attention.rope_inv_freq(config))
     q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    new_mask = attention.attention_mask(q_idx, q_idx, mask_bt.astype(bool), config.sliding_window)
     kv_idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    old_mask = attention.attention_mask(q_idx, kv_idx, cache.valid, config.sliding_window)
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt.astype(bool), (0, start))
+    new_mask = attention.attention_mask(q_idx, q_idx, mask_bt.astype(bool), config.sliding_window)
 
-    def step(x, xs):
-        if fresh:
-            p, kc, vc = xs, None, None
-        else:
-            p, kc, vc = xs
-
-        def attend(q, k, v):
-            if fresh:
-                return attention.gqa_attention(q, k, v, new_mask), (k, v)
-            return attention.gqa_attention_cached(q, kc, vc, old_mask, k, v, new_mask), (k, v)
-
-        x, (k, v) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
-        return x, (k.swapaxes(1, 2), v.swapaxes(1, 2))  # [b, kv, t, d], the cache's layout
+    def write(buf, new_btkd):  # new keys or values into their slots of a [b, kv, s, d] buffer
+        return jax.lax.dynamic_update_slice(buf, new_btkd.swapaxes(1, 2).astype(buf.dtype), (0, 0, start, 0))
 
     per_layer = isinstance(params["layers"], tuple)
     if per_layer != isinstance(cache.k, tuple):
@@ -286,16 +343,38 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
                          "and stacked params a stacked one")
     x = _embed(params, tokens_bt, sharder)
     if per_layer:
+        # Each layer writes its new keys and values into its own buffers, then attends over them (after a
+        # prefill, only among the new tokens). Attending over the old buffers and writing afterwards made
+        # XLA copy both buffers of every layer at each decode step: 28 of a 160 ms step at batch 16.
+        mask = new_mask if fresh else attention.attention_mask(q_idx, kv_idx, valid, config.sliding_window)
         k, v = [], []
-        for i, p in enumerate(params["layers"]):
-            x, (k_i, v_i) = step(x, p if fresh else (p, cache.k[i], cache.v[i]))
-            k.append(jax.lax.dynamic_update_slice(cache.k[i], k_i.astype(cache.k[i].dtype), (0, 0, start, 0)))
-            v.append(jax.lax.dynamic_update_slice(cache.v[i], v_i.astype(cache.v[i].dtype), (0, 0, start, 0)))
+        for p, kc, vc in zip(params["layers"], cache.k, cache.v, strict=True):
+            def attend(q, k_new, v_new, kc=kc, vc=vc):
+                kc, vc = write(kc, k_new), write(vc, v_new)
+                if fresh:
+                    return attention.gqa_attention(q, k_new, v_new, mask), (kc, vc)
+                return attention.gqa_attention_bksd(q, kc, vc, mask), (kc, vc)
+
+            x, (kc, vc) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
+            k.append(kc)
+            v.append(vc)
         k, v = tuple(k), tuple(v)
     else:
+        old_mask = attention.attention_mask(q_idx, kv_idx, cache.valid, config.sliding_window)
+
+        def step(x, xs):
+            p, kc, vc = xs if not fresh else (xs, None, None)
+
+            def attend(q, k, v):
+                if fresh:
+                    return attention.gqa_attention(q, k, v, new_mask), (k, v)
+                return attention.gqa_attention_cached(q, kc, vc, old_mask, k, v, new_mask), (k, v)
+
+            x, (k, v) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
+            return x, (k.swapaxes(1, 2), v.swapaxes(1, 2))  # [b, kv, t, d], the cache's layout
+
         xs = params["layers"] if fresh else (params["layers"], cache.k, cache.v)
         x, (k_new, v_new) = jax.lax.scan(step, x, xs)  # k_new [layers, b, kv, t, d]
         k = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, 0, start, 0))
         v = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, 0, 0, start, 0))
-    valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt.astype(bool), (0, start))
     return _logits(params, x[:, -1:] if last_only else x, config, sharder), KVCache(k=k, v=v, valid=valid)
