@@ -86,7 +86,7 @@ def _top_p_keep(x_bv: jax.Array, top_p: float) -> jax.Array:
     likely than it, G(its probability), is < top_p; G only falls as the probability rises, so the kept set
     is every token at or above the smallest probability v with G(v) < top_p. Non-negative float32 values
     order as their bit patterns do, so 31 halvings of [0, 1.0]'s bit range find v exactly, each a masked sum
-    over the vocabulary (14 ms at batch 16 x 49,152 on the 2-core CPU; a full sort took 280). Exact ties at
+    over the vocabulary (8 ms at batch 16 x 49,152 on the 2-core CPU; a full sort took 270). Exact ties at
     the threshold are all kept, where HF keeps the ones its sort happens to place last."""
     probs = jax.nn.softmax(x_bv, axis=-1)
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
@@ -94,7 +94,10 @@ def _top_p_keep(x_bv: jax.Array, top_p: float) -> jax.Array:
     def halve(_, bounds):
         lo, hi = bounds  # the answer lies in [lo, hi]; G(hi) < top_p
         mid = lo + (hi - lo) // 2
-        below = jnp.sum(jnp.where(bits > mid, probs, 0.0), axis=-1, keepdims=True) < top_p
+        # Compared as floats, in the same order as their bits (the search: 13 -> 8 ms on the 2-core CPU). mid stays
+        # far above the subnormals (v >= (1 - top_p) / vocab), so flushing them to zero changes nothing.
+        above = probs > jax.lax.bitcast_convert_type(mid, jnp.float32)
+        below = jnp.sum(jnp.where(above, probs, 0.0), axis=-1, keepdims=True) < top_p
         return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
 
     b = probs.shape[0]

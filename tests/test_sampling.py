@@ -12,6 +12,7 @@ from transformers.generation import logits_process
 import sami_jax
 from sami_jax.models.transformer import (
     KVCache,
+    OutIn,
     _matmuls_out_in,
     forward,
     forward_cached,
@@ -54,6 +55,8 @@ def test_cached_decode_equals_full_forward(saved, name, layout):
     _, model = saved(name)
     per_layer = layout != "stacked"
     params = split_layers(model.params, out_in=layout == "per_layer_out_in") if per_layer else model.params
+    if layout == "per_layer_out_in":  # one device: q/k/v fused into one OutIn
+        assert set(params["layers"][0]["self_attn"]) == {"q_proj+k_proj+v_proj", "o_proj"}
     rows = [tiny.tokens(1, n, seed=i)[0] for i, n in enumerate([8, 5])]
     cont = tiny.tokens(2, 20, seed=9)
     prompt, pmask = _left_pad(rows, 8)
@@ -77,15 +80,22 @@ def test_cached_decode_equals_full_forward(saved, name, layout):
 @pytest.mark.parametrize("n_in", [1, 2])
 def test_matmuls_out_in_equal_numpy(rows, n_in):
     """Weights stored [*out, *in]: both ways of forming the product (few rows: (W x^T)^T; many: x W^T)
-    equal numpy's x @ W with W in the params' [*in, *out] layout."""
+    equal numpy's x @ W with W in the params' [*in, *out] layout; with n_in 1, also two weights fused
+    into one `OutIn` (split back into their outputs)."""
     rng = np.random.default_rng(0)
     in_dims, out_dims = [(48,), (4, 12)][n_in - 1], [(40,), (6,)][n_in - 1]
     x = rng.standard_normal((rows // 4, 4, *in_dims), dtype=np.float32)
     w = rng.standard_normal((*in_dims, *out_dims), dtype=np.float32)
     w_out_in = np.moveaxis(w, list(range(n_in)), list(range(w.ndim - n_in, w.ndim)))
-    (y,) = jax.jit(_matmuls_out_in, static_argnums=2)(jnp.asarray(x), [jnp.asarray(w_out_in)], n_in)
-    want = np.tensordot(x, w, axes=n_in)
-    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+    run = jax.jit(_matmuls_out_in, static_argnums=2)
+    (y,) = run(jnp.asarray(x), [OutIn(jnp.asarray(w_out_in))], n_in)
+    np.testing.assert_allclose(np.asarray(y), np.tensordot(x, w, axes=n_in), rtol=1e-5, atol=1e-4)
+    if n_in == 1:
+        w2 = rng.standard_normal((48, 3, 8), dtype=np.float32)
+        fused = OutIn(jnp.concatenate([jnp.asarray(w.T), jnp.asarray(w2.reshape(48, 24).T)]), outs=((40,), (3, 8)))
+        y1, y2 = run(jnp.asarray(x), [fused], 1)
+        np.testing.assert_allclose(np.asarray(y1), x @ w, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(y2), np.tensordot(x, w2, axes=1), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

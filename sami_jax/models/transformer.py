@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sami_jax.models import attention, moe
@@ -85,17 +87,20 @@ _matmuls_cpu.defvjp(_matmuls_cpu_fwd, _matmuls_cpu_bwd)
 @flax.struct.dataclass
 class OutIn:
     """A projection weight stored as [*out, *in], the transpose of the params tree's [*in, *out]
-    (`split_layers(out_in=True)`; the sampler's layout on a CPU, see `_matmuls_out_in`)."""
+    (`split_layers(out_in=True)`; the sampler's layout on a CPU, see `_matmuls_out_in`). With `outs`,
+    w [sum of the outputs' sizes, in] holds several projections of the same input, one after another, and
+    the product is split into outputs of these shapes."""
 
     w: jax.Array
+    outs: tuple[tuple[int, ...], ...] | None = flax.struct.field(pytree_node=False, default=None)
 
 
 # Rows up to which `_matmuls_out_in` multiplies as (W x^T)^T; measured on a 2-core Zen 2 (XLA CPU).
 _OUT_IN_MAX_ROWS = 64
 
 
-def _matmuls_out_in(x, ws, n_in: int, dtype=None) -> tuple[jax.Array, ...]:
-    """x [..., *in] times each w [*out, *in] (an `OutIn`'s array): a tuple of [..., *out].
+def _matmuls_out_in(x, ws: Sequence[OutIn], n_in: int, dtype=None) -> tuple[jax.Array, ...]:
+    """x [..., *in] times each `OutIn` [*out, *in]: a tuple of [..., *out] (one per output of a fused one).
 
     With few rows (decoding), each product is formed as W [out, in] @ x^T [in, rows] and transposed
     after a barrier (or XLA folds the transpose back into the dot): XLA's CPU GEMM runs a 16-row
@@ -106,13 +111,21 @@ def _matmuls_out_in(x, ws, n_in: int, dtype=None) -> tuple[jax.Array, ...]:
     x2 = x.reshape(-1, width)
     out = []
     for w in ws:
-        w2 = w.reshape(-1, width)
+        w2 = w.w.reshape(-1, width)
         if x2.shape[0] <= _OUT_IN_MAX_ROWS:
             y = jax.lax.optimization_barrier(jnp.matmul(w2, x2.T, preferred_element_type=dtype)).T
         else:
             y = jnp.matmul(x2, w2.T, preferred_element_type=dtype)
-        out.append(y.reshape(*lead, *w.shape[:w.ndim - n_in]))
+        outs = w.outs or (w.w.shape[:w.w.ndim - n_in],)
+        splits = np.cumsum([math.prod(o) for o in outs])[:-1]
+        out.extend(part.reshape(*lead, *o) for part, o in zip(jnp.split(y, splits, axis=-1), outs, strict=True))
     return tuple(out)
+
+
+def _weights(tree, names: Sequence[str]) -> list:
+    """The named projection weights of a layer, or the one `OutIn` that fuses them (`split_layers`)."""
+    fused = tree.get("+".join(names))
+    return [fused] if fused is not None else [tree[n] for n in names]
 
 
 def _project(x, ws, n_in: int = 1) -> tuple[jax.Array, ...]:
@@ -120,7 +133,7 @@ def _project(x, ws, n_in: int = 1) -> tuple[jax.Array, ...]:
     lowering, so that a TPU program compiled ahead of time on a CPU host keeps autodiff's); weights
     given as `OutIn` go through `_matmuls_out_in`."""
     if isinstance(ws[0], OutIn):
-        return _matmuls_out_in(x, [w.w for w in ws], n_in)
+        return _matmuls_out_in(x, ws, n_in)
     return jax.lax.platform_dependent(x, tuple(ws), cpu=lambda x, ws: _matmuls_cpu(x, ws, n_in),
                                       default=lambda x, ws: _matmuls(x, ws, n_in))
 
@@ -130,7 +143,7 @@ def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, co
     same layer serves the full-sequence pass and the KV-cache pass; returns (x, aux)."""
     c = config
     h = rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
-    q, k, v = _project(h, [p["self_attn"][n] for n in ("q_proj", "k_proj", "v_proj")])
+    q, k, v = _project(h, _weights(p["self_attn"], ("q_proj", "k_proj", "v_proj")))
     if sharder is not None:
         q = sharder.constrain(q, ("batch", None, "heads", None))
         k = sharder.constrain(k, ("batch", None, "kv_heads", None))
@@ -146,7 +159,7 @@ def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, co
                                     c.num_experts_per_tok).reshape(b, t, d)
     else:
         m = p["mlp"]
-        gate, up = _project(h, [m["gate_proj"], m["up_proj"]])
+        gate, up = _project(h, _weights(m, ("gate_proj", "up_proj")))
         y = _project(jax.nn.silu(gate) * up, [m["down_proj"]])[0]
     x = x + y
     if sharder is not None:
@@ -157,7 +170,7 @@ def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, co
 def _logits(params, x, config: ModelConfig, sharder: Sharder | None) -> jax.Array:
     x = rms_norm(x, params["norm"], config.rms_norm_eps)
     if isinstance(params.get("lm_head"), OutIn):
-        logits = _matmuls_out_in(x, [params["lm_head"].w], 1, jnp.float32)[0]
+        logits = _matmuls_out_in(x, [params["lm_head"]], 1, jnp.float32)[0]
     else:
         head_dv = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
         logits = jnp.einsum("btd,dv->btv", x, head_dv, preferred_element_type=jnp.float32)
@@ -261,6 +274,8 @@ class KVCache:
 # The dense projections' weights and how many leading dims of each are its input.
 _PROJECTION_INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
                           "down_proj": 1}
+# Projections of the same input that `split_layers(out_in=True)` fuses (n_in 1 each).
+_FUSED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
 def split_layers(params, out_in: bool = False):
@@ -271,7 +286,9 @@ def split_layers(params, out_in: bool = False):
     decode step at batch 1 spent 2.6 of its 3.0 s in those copies; the loop halves the step time).
 
     out_in: the dense projections' weights and the vocab projection as `OutIn` ([*out, *in]; the head of
-    tied embeddings is the embedding table itself, not a copy), for `_matmuls_out_in`."""
+    tied embeddings is the embedding table itself, not a copy), for `_matmuls_out_in`. Where they are not
+    sharded, q/k/v and gate/up are each fused into one `OutIn` (keys "q_proj+k_proj+v_proj",
+    "gate_proj+up_proj"): one [960, 576] product instead of three takes 0.42 ms instead of 0.60 at 16 rows."""
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
 
@@ -293,10 +310,28 @@ def split_layers(params, out_in: bool = False):
         return OutIn(a) if perm != tuple(range(len(perm))) else a
 
     layer_shardings = jax.tree.map(lambda a, perm: wrap(sharding(a, perm), perm), layers, perms)
-    shardings = (layer_shardings,) * n
+    fuse = [(group, names) for group, names in _FUSED if out_in and group in layers
+            and all(n in layers[group] and layers[group][n].sharding.is_fully_replicated for n in names)]
+
+    def fused(layer, join):  # one `OutIn` in place of each group of projections
+        layer = {**layer}
+        for group, names in fuse:
+            rest = {k: a for k, a in layer[group].items() if k not in names}
+            fused_w = join([layer[group][n].w for n in names])
+            layer[group] = {**rest, "+".join(names): OutIn(fused_w, tuple(layers[group][n].shape[2:] for n in names))}
+        return layer
+
+    def concat(parts):  # [*out, in] each
+        return jnp.concatenate([w.reshape(-1, w.shape[-1]) for w in parts])
+
+    def replicated(parts):
+        s = parts[0]
+        return NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s
+
+    shardings = (fused(layer_shardings, replicated),) * n
 
     def split(ls):
-        return tuple(jax.tree.map(lambda a, perm, i=i: wrap(a[i].transpose(perm), perm), ls, perms)
+        return tuple(fused(jax.tree.map(lambda a, perm, i=i: wrap(a[i].transpose(perm), perm), ls, perms), concat)
                      for i in range(n))
 
     out = {**params, "layers": jax.jit(split, out_shardings=shardings)(layers)}
