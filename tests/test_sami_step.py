@@ -1,7 +1,6 @@
 """The optimizers against torch (the authors' AdamW / RMSprop + clipping + HF linear schedule), and
 sami_step's gradient accumulation and learning."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +83,7 @@ def _batch(q, seed=0, c=2, t=16):
 def test_gradients_match_torch(tmp_path, shared):
     """d SAMI loss / d every weight (the CPU's custom matmul backward, with and without shared prompts)
     equals torch autograd through transformers' model on the same pairs, tensor by tensor."""
-    from sami_jax.checkpoints.hf import tensor_table
+    from sami_jax.checkpoints.hf import at_path, tensor_table
     from sami_jax.sami import response_window, sami_loss
 
     hf = tiny.hf_model("llama_kv2")
@@ -110,7 +109,7 @@ def test_gradients_match_torch(tmp_path, shared):
     value, grads = jax.jit(jax.value_and_grad(ours_loss))(model.params)
     np.testing.assert_allclose(float(value), loss.item(), rtol=1e-5)
     for e in tensor_table(model.config):
-        ours = e.to_hf(np.asarray(functools.reduce(lambda tree, key: tree[key], e.path, grads)[e.index]))
+        ours = e.to_hf(np.asarray(at_path(grads, e.path)[e.index]))
         np.testing.assert_allclose(ours, ref[e.hf_name], atol=2e-6, rtol=1e-4, err_msg=e.hf_name)
 
 

@@ -56,12 +56,17 @@ class TensorEntry:
         return ours.reshape(math.prod(self.shape[:self.n_in]), -1).T
 
 
+def at_path(tree, path: tuple[str, ...]):
+    """The subtree (or leaf) of nested dicts `tree` at the keys `path`, e.g. a TensorEntry's path."""
+    return functools.reduce(lambda t, k: t[k], path, tree)
+
+
 def tensor_table(config: ModelConfig) -> list[TensorEntry]:
     """All HF tensors of `config`, in HF's on-disk order (Mixtral experts by their on-disk names)."""
     specs = param_specs(config)
 
     def entry(hf_name, path, index=(), n_in=1, transpose=True):
-        spec = functools.reduce(lambda t, k: t[k], path, specs)
+        spec = at_path(specs, path)
         return TensorEntry(hf_name, path, index, spec.shape[len(index):], n_in, transpose)
 
     out = [entry("model.embed_tokens.weight", ("embed_tokens",), transpose=False)]
@@ -204,7 +209,7 @@ def load_params(source, config: ModelConfig, dtype=None, shardings=None):
         by_path.setdefault(e.path, []).append(e)
 
     def build(path, spec):
-        sharding = functools.reduce(lambda t, k: t[k], path, shardings) if shardings is not None else None
+        sharding = at_path(shardings, path) if shardings is not None else None
         entries = by_path[path]
         if not entries[0].index:  # a whole tensor: embeddings, final norm, lm_head
             host = entries[0].to_ours(source.read(entries[0].hf_name)).astype(dtype)
@@ -233,7 +238,7 @@ def save_hf(params, config: ModelConfig, directory, dtype=None, max_shard_bytes:
     dtype = np.dtype(dtype or leaf_dtype)
 
     def produce(e: TensorEntry):
-        leaf = functools.reduce(lambda t, k: t[k], e.path, params)
+        leaf = at_path(params, e.path)
         # Index on device first so only this slice is copied to the host.
         return lambda: e.to_hf(np.asarray(jax.device_get(leaf[e.index] if e.index else leaf))).astype(dtype)
 
