@@ -41,12 +41,17 @@ def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def _rows(x, n_in: int) -> tuple[tuple[int, ...], jax.Array]:
+    """x [..., *in] as (its leading shape, x flattened to [tokens, prod(in)]), for a matmul over in."""
+    lead = x.shape[:x.ndim - n_in]
+    return lead, x.reshape(math.prod(lead), -1)
+
+
 def _matmuls(x, ws, n_in: int = 1) -> tuple[jax.Array, ...]:
     """x [..., *in] times each w [*in, *out] (the last n_in dims of x against the first n_in of w):
     a tuple of [..., *out], one matmul per weight over x flattened to [tokens, in]."""
-    lead, width = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-    x2 = x.reshape(-1, width)
-    return tuple((x2 @ w.reshape(width, -1)).reshape(*lead, *w.shape[n_in:]) for w in ws)
+    lead, x2 = _rows(x, n_in)
+    return tuple((x2 @ w.reshape(x2.shape[1], -1)).reshape(*lead, *w.shape[n_in:]) for w in ws)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -67,8 +72,8 @@ def _matmuls_cpu_fwd(x, ws, n_in):
 
 def _matmuls_cpu_bwd(n_in, res, dys):
     x, ws = res
-    width = math.prod(x.shape[x.ndim - n_in:])
-    x2 = x.reshape(-1, width)
+    _, x2 = _rows(x, n_in)
+    width = x2.shape[1]
     dy2s = [dy.reshape(x2.shape[0], -1) for dy in dys]
     barrier = jax.lax.optimization_barrier  # keeps each transpose apart, or XLA folds it back into the dot
     if width <= sum(dy2.shape[1] for dy2 in dy2s):  # transpose the narrower side: x once, for every weight
@@ -107,11 +112,10 @@ def _matmuls_out_in(x, ws: Sequence[OutIn], n_in: int, dtype=None) -> tuple[jax.
     SmolLM2 product 1.6-1.9x faster that way round, e.g. [16, 576] x [576, 1536] 1.10 -> 0.64 ms and
     the [16, 576] x [576, 49152] vocab projection 29 -> 16 ms, weights read from memory as in a decode
     step. With many rows, x @ W^T, as fast as the [*in, *out] layout."""
-    lead, width = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-    x2 = x.reshape(-1, width)
+    lead, x2 = _rows(x, n_in)
     out = []
     for w in ws:
-        w2 = w.w.reshape(-1, width)
+        w2 = w.w.reshape(-1, x2.shape[1])
         if x2.shape[0] <= _OUT_IN_MAX_ROWS:
             y = jax.lax.optimization_barrier(jnp.matmul(w2, x2.T, preferred_element_type=dtype)).T
         else:
