@@ -184,12 +184,14 @@ def test_kept_set_equals_hf_warpers(top_k, top_p):
 
 
 def test_top_p_on_flat_rows_and_ties():
-    """Rows whose nucleus spans most of the vocabulary equal HF's set. On exact ties at the threshold we keep
-    every tied token, where HF keeps those its sort happens to place last: ours is HF's set plus ties."""
+    """Rows whose nucleus spans most of the vocabulary, or a few tokens, equal HF's set. On exact ties at the
+    threshold we keep every tied token, where HF keeps those its sort happens to place last: ours is HF's
+    set plus ties."""
     from sami_jax.sampling import _top_p_keep
 
-    flat = np.random.default_rng(3).normal(0, 0.05, (8, 300)).astype(np.float32)
-    for top_p in (0.5, 0.9, 0.999):
+    rng = np.random.default_rng(3)
+    for scale, top_p in [(0.05, 0.5), (0.05, 0.9), (0.05, 0.999), (2.0, 0.3), (2.0, 0.9), (8.0, 0.99)]:
+        flat = rng.normal(0, scale, (8, 300)).astype(np.float32)
         hf = logits_process.TopPLogitsWarper(top_p)(None, torch.tensor(flat)).numpy()
         np.testing.assert_array_equal(np.asarray(_top_p_keep(jnp.asarray(flat), top_p)), np.isfinite(hf))
     ties = np.asarray([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0]], np.float32)

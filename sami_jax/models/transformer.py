@@ -92,7 +92,7 @@ _matmuls_cpu.defvjp(_matmuls_cpu_fwd, _matmuls_cpu_bwd)
 @flax.struct.dataclass
 class OutIn:
     """A projection weight stored as [*out, *in], the transpose of the params tree's [*in, *out]
-    (`split_layers(out_in=True)`; the sampler's layout on a CPU, see `_matmuls_out_in`). With `outs`,
+    (`split_layers(out_in=True)`; the sampler's per-layer layout, see `_matmuls_out_in`). With `outs`,
     w [sum of the outputs' sizes, in] holds several projections of the same input, one after another, and
     the product is split into outputs of these shapes."""
 
@@ -107,19 +107,26 @@ _OUT_IN_MAX_ROWS = 64
 def _matmuls_out_in(x, ws: Sequence[OutIn], n_in: int, dtype=None) -> tuple[jax.Array, ...]:
     """x [..., *in] times each `OutIn` [*out, *in]: a tuple of [..., *out] (one per output of a fused one).
 
-    With few rows (decoding), each product is formed as W [out, in] @ x^T [in, rows] and transposed
+    With few rows (decoding) on a CPU, each product is formed as W [out, in] @ x^T [in, rows] and transposed
     after a barrier (or XLA folds the transpose back into the dot): XLA's CPU GEMM runs a 16-row
     SmolLM2 product 1.6-1.9x faster that way round, e.g. [16, 576] x [576, 1536] 1.10 -> 0.64 ms and
     the [16, 576] x [576, 49152] vocab projection 29 -> 16 ms, weights read from memory as in a decode
     step. With many rows, x @ W^T, as fast as the [*in, *out] layout."""
     lead, x2 = _rows(x, n_in)
+
+    def x_wt(x2, w2):
+        return jnp.matmul(x2, w2.T, preferred_element_type=dtype)
+
+    def w_xt(x2, w2):
+        return jax.lax.optimization_barrier(jnp.matmul(w2, x2.T, preferred_element_type=dtype)).T
+
     out = []
     for w in ws:
         w2 = w.w.reshape(-1, x2.shape[1])
-        if x2.shape[0] <= _OUT_IN_MAX_ROWS:
-            y = jax.lax.optimization_barrier(jnp.matmul(w2, x2.T, preferred_element_type=dtype)).T
+        if x2.shape[0] <= _OUT_IN_MAX_ROWS:  # (GPUs take either operand transposed in the GEMM itself)
+            y = jax.lax.platform_dependent(x2, w2, cpu=w_xt, default=x_wt)
         else:
-            y = jnp.matmul(x2, w2.T, preferred_element_type=dtype)
+            y = x_wt(x2, w2)
         outs = w.outs or (w.w.shape[:w.w.ndim - n_in],)
         splits = np.cumsum([math.prod(o) for o in outs])[:-1]
         out.extend(part.reshape(*lead, *o) for part, o in zip(jnp.split(y, splits, axis=-1), outs, strict=True))
