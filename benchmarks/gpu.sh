@@ -4,11 +4,15 @@
 # correctness on the GPU, and times ours against the PyTorch/HF reference in the same run:
 #   1. the sampler vs HF `generate` (1.1B-shaped bf16, 256 prompts x 256 tokens, 128 new, top-p 0.9);
 #   2. the SAMI step vs the same step in PyTorch (1.1B-shaped, bf16 compute, 64 sequences x 512 tokens).
-#   run(command="bash benchmarks/gpu.sh", timeout_s=540)
+# PROFILE=1: the same runs with XLA's command buffers (CUDA graphs) off, so that a profile sees each kernel
+# rather than one op per graph, plus a table of where the device time goes (benchmarks/op_profile.py) for a
+# prefill and a decode chunk and for one SAMI step; tables and compiled HLO go to $OUT, as does the log.
+#   run(command="bash benchmarks/gpu.sh", timeout_s=540)   # about 4.5 minutes on an H100
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp}"
+exec > >(tee "$OUT/gpu.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 - <<'PY'
 import importlib
@@ -18,8 +22,17 @@ for m in ("jax", "flax", "optax", "orbax.checkpoint", "transformers", "torch", "
     except ImportError as e:
         print(m, "MISSING:", e)
 PY
+profile=()
+if [ -n "${PROFILE:-}" ]; then
+  export XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}"
+  profile=(--profile "$OUT")
+fi
 status=0
 # 0.6 leaves room for PyTorch, which holds its model in the same process
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python3 benchmarks/gpu_sampler.py --json "$OUT/gpu_sampler.json" || status=1
-python3 benchmarks/sami_step.py --setting gpu-1.1b --json "$OUT/gpu_sami_step.json" || status=1
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python3 benchmarks/gpu_sampler.py --json "$OUT/gpu_sampler.json" \
+  "${profile[@]}" || status=1
+# cuDNN attention only (the einsum attention stores [t, t] scores: 24% MFU in session 9); the reference keeps
+# 4 micro-batches of 16 sequences, ours also runs 2 of 32 (1 of 64 ran out of memory); the last is profiled
+python3 benchmarks/sami_step.py --setting gpu-1.1b --json "$OUT/gpu_sami_step.json" "${profile[@]}" \
+  --variants "${SAMI_STEP_VARIANTS:-cudnn:dots_no_batch,cudnn:dots_no_batch:m2}" || status=1
 exit $status

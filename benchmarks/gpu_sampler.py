@@ -7,17 +7,24 @@
 2. Speed: a TinyLlama-1.1B-shaped random model in bf16 (22 layers, d 2048, 32 heads, 4 KV heads, MLP 5632,
    vocab 32000), 256 prompts of 256 tokens, 128 new tokens, top-p 0.9 at temperature 1, EOS disabled.
    Ours after its compile (printed apart) vs HF transformers `generate` after a warm-up call; both read the
-   same weights (HF's random init, imported through our HF path). Ours runs twice: with the weights and KV
-   cache as one buffer per layer and a Python loop over the layers (`Sampler(per_layer=True)`, the default
-   off TPUs) and stacked with a layer scan (`per_layer=False`). Also reported: the prefill alone (a run of
-   one new token), the decode rate without it, and that rate as a fraction of the decode roofline (weights
-   plus the mean KV cache read once per step at the measured copy bandwidth).
+   same weights (HF's random init, imported through our HF path). Ours runs with the weights and KV cache
+   as one buffer per layer and a Python loop over the layers (`Sampler(per_layer=True)`, the default off
+   TPUs, with the projections stored [out, in] and fused) and, with --variants, also per-layer with the
+   params tree's [in, out] weights or stacked with a layer scan (`per_layer=False`, the TPU path); those
+   are timed on the top-p run only. Also reported for the first: the prefill alone (a run of one new
+   token), the decode rate without it, and that rate as a fraction of the decode roofline (weights plus the
+   mean KV cache read once per step at the measured copy bandwidth).
+3. With --profile DIR: the device ops of one run of a prefill and a decode chunk (benchmarks/op_profile.py),
+   printed and written to DIR with the compiled HLO.
 --smoke shrinks everything so the script itself can be checked on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import gzip
 import json
 import os
 import pathlib
@@ -45,6 +52,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to test the script on a CPU")
+    parser.add_argument("--variants", default="per-layer", help="comma-separated, the first timed in full: per-layer "
+                        "(the default sampler), in-out (per-layer with the [in, out] weights of the params tree), "
+                        "stacked (the layer scan of TPUs)")
+    parser.add_argument("--profile", metavar="DIR", help="profile a prefill and a decode chunk; tables and HLO to DIR")
     args = parser.parse_args()
 
     import jax
@@ -105,17 +116,35 @@ def main() -> None:
         return time.perf_counter() - start, out
 
     ours = {}
-    for name, per_layer in (("per-layer loop", True), ("stacked scan", False)):
-        sampler = Sampler(model, buckets=(prompt_len,), chunk=32, per_layer=per_layer)
+    chunk = 32
+    kinds = {"per-layer": ("per-layer loop", dict(per_layer=True)),
+             "in-out": ("per-layer, [in, out] weights", dict(per_layer=True, out_in=False)),
+             "stacked": ("stacked scan", dict(per_layer=False))}
+    for i, variant in enumerate(args.variants.split(",")):
+        name, kwargs = kinds[variant]
+        sampler = Sampler(model, buckets=(prompt_len,), chunk=chunk, **kwargs)
         first = SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.9)  # the prefill alone
-        for warm in (sp, first, SamplingParams(max_new_tokens=new)):
-            sampler.generate(prompts, warm, eos_ids=[])
+        warm = (sp, first, SamplingParams(max_new_tokens=new)) if i == 0 else (sp,)  # later ones: top-p only
+        for w in warm:
+            sampler.generate(prompts, w, eos_ids=[])
         total_s, out = timed(sampler, sp)
         assert all(r.length == new for r in out)
-        prefill_s, _ = timed(sampler, first)
-        greedy_s, _ = timed(sampler, SamplingParams(max_new_tokens=new))
-        ours[name] = dict(total_s=total_s, prefill_s=prefill_s, greedy_s=greedy_s,
-                          compile_s=sampler.stats["compile_s"])
+        r = ours[name] = dict(total_s=total_s, prefill_s=None, greedy_s=None, compile_s=sampler.stats["compile_s"])
+        if i == 0:
+            r["prefill_s"] = timed(sampler, first)[0]
+            r["greedy_s"] = timed(sampler, SamplingParams(max_new_tokens=new))[0]
+        if args.profile and i == 0:
+            from benchmarks.op_profile import op_profile
+
+            one_chunk = dataclasses.replace(sp, max_new_tokens=chunk + 1)
+            sampler.generate(prompts, one_chunk, eos_ids=[])  # compiled outside the trace
+            texts = [c.as_text() for c in sampler._compiled.values()]
+            op_profile(functools.partial(sampler.generate, prompts, one_chunk, eos_ids=[]), texts, top=30,
+                       title=f"per-layer sampler, prefill + {chunk} decode steps",
+                       out_json=os.path.join(args.profile, "sampler_ops.json"))
+            with gzip.open(os.path.join(args.profile, "sampler_hlo.txt.gz"), "wt") as f:
+                f.write("\n\n".join(texts))
+        sampler.release()
 
     ids = torch.tensor(prompts, device=device)
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, top_p=0.9, top_k=0, temperature=1.0,
@@ -137,19 +166,24 @@ def main() -> None:
     roofline = batch / ((weight_bytes + kv_bytes) / bw)  # decode steps only
     print(f"HF generate: {ref_tps:.0f} new tokens/s; copy bandwidth {bw / 1e12:.2f} TB/s; decode roofline "
           f"{roofline:.0f} new tokens/s")
-    print(f"{'ours':16s} {'new tok/s':>10s} {'vs HF':>6s} {'prefill s':>9s} {'decode tok/s':>12s} "
+    print(f"{'ours':28s} {'new tok/s':>10s} {'vs HF':>6s} {'prefill s':>9s} {'decode tok/s':>12s} "
           f"{'decode/roofline':>15s} {'greedy tok/s':>12s} {'compile s':>9s}")
     label = f"{'smoke' if args.smoke else '1.1B'} bf16, batch {batch}, {prompt_len} + {new} new, top-p 0.9"
     for name, r in ours.items():
         tps = batch * new / r["total_s"]
-        decode_tps = batch * (new - 1) / (r["total_s"] - r["prefill_s"])
-        records.append({"setting": f"{label}, {name}", "ours": tps, "reference": ref_tps, "unit": "new tokens/s",
-                        "ratio": tps / ref_tps, "ours_compile_s": r["compile_s"], "prefill_s": r["prefill_s"],
-                        "decode_tokens_per_s": decode_tps, "roofline_tokens_per_s": roofline,
-                        "decode_fraction_of_roofline": decode_tps / roofline,
-                        "ours_greedy": batch * new / r["greedy_s"]})
-        print(f"{name:16s} {tps:10.0f} {tps / ref_tps:6.2f} {r['prefill_s']:9.3f} {decode_tps:12.0f} "
-              f"{decode_tps / roofline:15.1%} {batch * new / r['greedy_s']:12.0f} {r['compile_s']:9.1f}")
+        record = {"setting": f"{label}, {name}", "ours": tps, "reference": ref_tps, "unit": "new tokens/s",
+                  "ratio": tps / ref_tps, "ours_compile_s": r["compile_s"], "prefill_s": r["prefill_s"]}
+        line = f"{name:28s} {tps:10.0f} {tps / ref_tps:6.2f}"
+        if r["prefill_s"] is not None:
+            decode_tps = batch * (new - 1) / (r["total_s"] - r["prefill_s"])
+            record.update(decode_tokens_per_s=decode_tps, roofline_tokens_per_s=roofline,
+                          decode_fraction_of_roofline=decode_tps / roofline, ours_greedy=batch * new / r["greedy_s"])
+            line += (f" {r['prefill_s']:9.3f} {decode_tps:12.0f} {decode_tps / roofline:15.1%} "
+                     f"{batch * new / r['greedy_s']:12.0f}")
+        else:
+            line += f" {'-':>9s} {'-':>12s} {'-':>15s} {'-':>12s}"
+        records.append(record)
+        print(f"{line} {r['compile_s']:9.1f}")
     best = max(batch * new / r["total_s"] for r in ours.values())
     print(f"target: >= 100,000 new tokens/s -> {'meets' if best >= 1e5 else 'misses'}")
     if args.json:

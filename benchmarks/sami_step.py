@@ -15,7 +15,8 @@ gpu-1.1b: a TinyLlama-1.1B-shaped random model (HF's init, imported through our 
   counted for the scored tokens only, for both sides) / time / peak: the FLOPs of the pairs, also for the
   variant that shares prompts. Ours runs with the einsum attention, with each prompt shared by its
   responses (`prompts_shared`: the same loss from fewer tokens) and, on a GPU, with cuDNN flash attention
-  (`attention_impl`), each a record.
+  (`attention_impl`), each a record; `--variants` picks others (e.g. fewer, larger micro-batches for ours
+  alone), and `--profile DIR` tabulates the device ops of one step of the last (benchmarks/op_profile.py).
 
 The reference is the authors' step in plain PyTorch: per micro-batch a forward over the q*c*c sequences,
 token log-probs in float32, masked mean per sequence, the [q, c, c] matrix, the symmetric InfoNCE loss,
@@ -83,8 +84,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
-    parser.add_argument("--variants", help="ours as attention:remat[:shared], comma-separated (default: einsum:none,"
-                        "einsum:none:shared on cpu; the same with dots_no_batch and cudnn:dots_no_batch on gpu-1.1b)")
+    parser.add_argument("--variants", help="ours as attention:remat[:option...], comma-separated; options: shared "
+                        "(prompts shared), mN (N micro-batches instead of the setting's), bf16 (bfloat16 master "
+                        "params). Default: einsum:none,einsum:none:shared on cpu; the same with dots_no_batch and "
+                        "cudnn:dots_no_batch on gpu-1.1b")
+    parser.add_argument("--profile", metavar="DIR", help="profile one step of the last variant; table and HLO to DIR")
     parser.add_argument("--prompt-len", type=int, default=96, help="prompt tokens of each 256-token cpu pair")
     parser.add_argument("--smoke", action="store_true", help="gpu-1.1b shapes shrunk, to test the script on a CPU")
     args = parser.parse_args()
@@ -169,20 +173,26 @@ def main() -> None:
     config, params = model.config, model.params
     del model
     optim = OptimConfig(name="adamw", learning_rate=lr, weight_decay=0.01, clip_norm=1.0, schedule="constant")
-    arrays = [jnp.asarray(a) for a in (tokens, attention, loss_mask)]
     remat = "dots_no_batch" if gpu else "none"
     default = f"einsum:{remat},einsum:{remat}:shared" + (f",cudnn:{remat}" if gpu and device == "cuda" else "")
-    variants = [[*v.split(":"), ""][:3] for v in (args.variants or default).split(",")]
+    variants = [v.split(":") for v in (args.variants or default).split(",")]
     n_tokens = tokens.size
     peak = peak_flops(jax.devices()[0])
     flops = train_flops(config, n_tokens, t, logit_tokens=int(loss_mask.sum()))
     ref_tps = n_tokens / ref_s
     records = []
     print(f"{'setting':70s} {'ours tok/s':>11s} {'ref tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'ref MFU':>8s}")
-    for impl, remat, shared in variants:
+    for impl, remat, *options in variants:
+        unknown = [o for o in options if o not in ("shared", "bf16") and o[:1] != "m"]
+        if unknown:
+            raise SystemExit(f"unknown variant options {unknown}")
+        shared = "shared" in options
+        n_micro = next((int(o[1:]) for o in options if o[:1] == "m"), micro)
+        arrays = [jnp.asarray(a.reshape(n_micro, -1, *a.shape[2:])) for a in (tokens, attention, loss_mask)]
         kwargs = dict(config=config, optim=optim, compute_dtype=jnp.bfloat16 if gpu else None, remat=remat,
-                      response_len=response_window(loss_mask), attention_impl=impl, prompts_shared=shared == "shared")
-        state = init_train_state(params, optim)
+                      response_len=response_window(loss_mask), attention_impl=impl, prompts_shared=shared)
+        start_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params) if "bf16" in options else params
+        state = init_train_state(start_params, optim)
         try:
             start = time.perf_counter()
             state, metrics = sami_step(state, *arrays, **kwargs)
@@ -199,9 +209,25 @@ def main() -> None:
             state, metrics = sami_step(state, *arrays, **kwargs)
         jax.block_until_ready(state)
         ours_s = (time.perf_counter() - start) / args.steps
+        if args.profile and [impl, remat, *options] == variants[-1]:
+            from benchmarks.op_profile import op_profile
+
+            hlo = sami_step.lower(state, *arrays, **kwargs).compile().as_text()  # the cached executable's
+            holder = [state]
+
+            def one_step(holder=holder, arrays=arrays, kwargs=kwargs):
+                holder[0], m = sami_step(holder[0], *arrays, **kwargs)
+                jax.block_until_ready(m)
+
+            op_profile(one_step, [hlo], top=40, title=f"sami_step, {':'.join([impl, remat, *options])}",
+                       out_json=os.path.join(args.profile, "step_ops.json"))
+            with gzip.open(os.path.join(args.profile, "step_hlo.txt.gz"), "wt") as f:
+                f.write(hlo)
+            state = holder[0]
         del state
         ours_tps = n_tokens / ours_s
-        setting = f"{label}, attention {impl}, remat {remat}{', prompts shared' if shared else ''}"
+        setting = (f"{label}, attention {impl}, remat {remat}{', prompts shared' if shared else ''}, "
+                   f"{n_micro} micro-batches{', bf16 master params' if 'bf16' in options else ''}")
         record = {"setting": setting, "ours": ours_tps, "reference": ref_tps, "unit": "tokens/s",
                   "ratio": ours_tps / ref_tps, "ours_compile_s": compile_s, "device": jax.devices()[0].device_kind,
                   "first_losses": {"ours": our_losses, "reference": ref_losses}}
