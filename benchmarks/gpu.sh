@@ -30,6 +30,7 @@ fi
 status=0
 # 0.6 leaves room for PyTorch, which holds its model in the same process
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python3 benchmarks/gpu_sampler.py --json "$OUT/gpu_sampler.json" \
+  --variants per-layer,einsum-prefill \
   "${profile[@]}" || status=1
 # cuDNN attention only (the einsum attention stores [t, t] scores: 24% MFU in session 9); the reference keeps
 # 4 micro-batches of 16 sequences, ours also runs 2 of 32 (1 of 64 ran out of memory); the last is profiled

@@ -76,6 +76,34 @@ def test_cached_decode_equals_full_forward(saved, name, layout):
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, 8 + t], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+@pytest.mark.parametrize("name", ["llama_kv2", "mistral_window"])
+def test_flash_prefill_equals_einsum_prefill(saved, name, layout):
+    """The prefill through flash attention (`fused_attention_left_padded`, here jax's portable "xla"
+    implementation of the call that runs cuDNN on a GPU) gives the einsum prefill's logits at every real
+    position and the same cache, for left-padded rows of 20, 13 and 0 real tokens (past Mistral's window
+    of 12), a row of padding only included."""
+    _, model = saved(name)
+    params = split_layers(model.params) if layout == "per_layer" else model.params
+    tokens, mask = _left_pad([tiny.tokens(1, n, seed=i)[0] for i, n in enumerate([20, 13])] + [[]], 20)
+    positions = positions_from_mask(jnp.asarray(mask))
+    step = jax.jit(forward_cached, static_argnames=("config", "fresh", "prefill_attention"))
+    out = {}
+    for impl in ("einsum", "xla"):
+        cache = KVCache.create(model.config, 3, 24, jnp.float32, per_layer=layout == "per_layer")
+        out[impl] = step(params, jnp.asarray(tokens), model.config, cache, jnp.int32(0), positions_bt=positions,
+                         mask_bt=jnp.asarray(mask), fresh=True, prefill_attention=impl)
+    (ref, ref_cache), (got, got_cache) = out["einsum"], out["xla"]
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(ref)[mask], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got_cache.valid), np.asarray(ref_cache.valid))
+    real = np.asarray(ref_cache.valid)  # [b, s]; padding slots (never read) hold whatever padding computed
+    for a, b in zip(jax.tree.leaves((got_cache.k, got_cache.v)), jax.tree.leaves((ref_cache.k, ref_cache.v)),
+                    strict=True):  # [(layers,) b, kv, s, d]
+        a, b = np.moveaxis(np.asarray(a), -2, -3), np.moveaxis(np.asarray(b), -2, -3)  # [..., b, s, kv, d]
+        np.testing.assert_allclose(a[..., real, :, :], b[..., real, :, :], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("rows", [16, 100], ids=["few_rows", "many_rows"])
 @pytest.mark.parametrize("n_in", [1, 2])
 def test_matmuls_out_in_equal_numpy(rows, n_in):

@@ -93,6 +93,27 @@ def fused_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, len
                                         implementation=implementation)
 
 
+def fused_attention_left_padded(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, valid_bt: jax.Array,
+                                sliding_window: int | None, implementation: str | None = "cudnn") -> jax.Array:
+    """`fused_attention` for rows whose real tokens come last (left padding, as the sampler's prompts):
+    causal among the real tokens of each row, in the sliding window, as `gqa_attention` with
+    `attention_mask`. The flash kernels take right padding only (a length per row), so each row is rotated
+    to put its real tokens first and the output rotated back; slot differences within a row's real
+    tokens are position differences either way. Rows of padding only attend to one padding slot (finite;
+    never read). Returns [b, t, h, d]."""
+    t = q_bthd.shape[1]
+    lengths = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)
+    slots = jnp.arange(t, dtype=jnp.int32)[None, :]
+
+    def rotate(x, by):  # x[:, (j + by) % t] for each row
+        return jnp.take_along_axis(x, ((slots + by[:, None]) % t)[:, :, None, None], axis=1)
+
+    pads = t - lengths
+    out = fused_attention(rotate(q_bthd, pads), rotate(k_bskd, pads), rotate(v_bskd, pads), jnp.maximum(lengths, 1),
+                          sliding_window, implementation)
+    return rotate(out, -pads)
+
+
 def _probs(scores_bkgts: jax.Array, mask_bts: jax.Array, head_dim: int, dtype) -> jax.Array:
     """Softmax over keys of float32 scores [b, kv_heads, g, t, s], scaled by 1/sqrt(head_dim), masked."""
     scores = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts * np.float32(1.0 / np.sqrt(head_dim)), _NEG)

@@ -354,8 +354,8 @@ def split_layers(params, out_in: bool = False):
 
 def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVCache, start: jax.Array, *,
                    positions_bt: jax.Array, mask_bt: jax.Array, moe_impl: str = "dropless",
-                   sharder: Sharder | None = None, last_only: bool = False,
-                   fresh: bool = False) -> tuple[jax.Array, KVCache]:
+                   sharder: Sharder | None = None, last_only: bool = False, fresh: bool = False,
+                   prefill_attention: str = "einsum") -> tuple[jax.Array, KVCache]:
     """Runs tokens [b, t] that occupy cache slots [start, start + t): attends over every valid cached slot
     before them and causally among themselves (inside the sliding window), writes their keys and values,
     and returns float32 logits [b, t, v] and the updated cache. Prefill is t = prompt length at start 0
@@ -364,6 +364,9 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
     mask_bt marks which of the new tokens are real (padding is never attended); positions_bt are their
     RoPE positions. last_only: logits for the last position only ([b, 1, v]); a prefill needs no more, and
     the vocab projection of every prompt token is a large share of its FLOPs.
+    prefill_attention: how a fresh prefill's tokens attend among themselves (rows left-padded): "einsum"
+    (scores in memory), or flash attention through `attention.fused_attention_left_padded`, "cudnn" (NVIDIA
+    GPUs, bf16/fp16) or "xla" (jax's portable implementation of the same call).
 
     Per-layer params (`split_layers`) and a per-layer cache (`KVCache.create(per_layer=True)`) run as a
     Python loop over the layers, each writing the new keys and values into its own buffers and then
@@ -379,6 +382,13 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
     kv_idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     valid = jax.lax.dynamic_update_slice(cache.valid, mask_bt.astype(bool), (0, start))
     new_mask = attention.attention_mask(q_idx, q_idx, mask_bt.astype(bool), config.sliding_window)
+    if prefill_attention not in ("einsum", "cudnn", "xla"):
+        raise ValueError(f"prefill_attention must be 'einsum', 'cudnn' or 'xla', got {prefill_attention!r}")
+
+    def attend_new(q, k, v):  # the new tokens among themselves (a fresh prefill)
+        if prefill_attention == "einsum":
+            return attention.gqa_attention(q, k, v, new_mask)
+        return attention.fused_attention_left_padded(q, k, v, mask_bt, config.sliding_window, prefill_attention)
 
     def write(buf, new_btkd):  # new keys or values into their slots of a [b, kv, s, d] buffer
         return jax.lax.dynamic_update_slice(buf, new_btkd.swapaxes(1, 2).astype(buf.dtype), (0, 0, start, 0))
@@ -392,13 +402,13 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
         # Each layer writes its new keys and values into its own buffers, then attends over them (after a
         # prefill, only among the new tokens). Attending over the old buffers and writing afterwards made
         # XLA copy both buffers of every layer at each decode step: 28 of a 160 ms step at batch 16.
-        mask = new_mask if fresh else attention.attention_mask(q_idx, kv_idx, valid, config.sliding_window)
+        mask = None if fresh else attention.attention_mask(q_idx, kv_idx, valid, config.sliding_window)
         k, v = [], []
         for p, kc, vc in zip(params["layers"], cache.k, cache.v, strict=True):
             def attend(q, k_new, v_new, kc=kc, vc=vc):
                 kc, vc = write(kc, k_new), write(vc, v_new)
                 if fresh:
-                    return attention.gqa_attention(q, k_new, v_new, mask), (kc, vc)
+                    return attend_new(q, k_new, v_new), (kc, vc)
                 return attention.gqa_attention_bksd(q, kc, vc, mask), (kc, vc)
 
             x, (kc, vc) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
@@ -413,7 +423,7 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
 
             def attend(q, k, v):
                 if fresh:
-                    return attention.gqa_attention(q, k, v, new_mask), (k, v)
+                    return attend_new(q, k, v), (k, v)
                 return attention.gqa_attention_cached(q, kc, vc, old_mask, k, v, new_mask), (k, v)
 
             x, (k, v) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
