@@ -261,10 +261,12 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
     (before clipping), lr (of this update).
     """
     params = state.params
+    # Cast once for all micro-batches (XLA casts inside the scan every time otherwise). The gradient with
+    # respect to the cast copy, in float32, is the gradient with respect to the params: a cast's transpose
+    # is the cast back.
+    compute_params = params if compute_dtype is None else jax.tree.map(lambda x: x.astype(compute_dtype), params)
 
     def loss_fn(p, tok, att, lm):
-        if compute_dtype is not None:
-            p = jax.tree.map(lambda x: x.astype(compute_dtype), p)
         m = logprob_matrix(p, config, tok, att, lm, reduce, response_len, prompts_shared, remat=remat,
                            sharder=sharder, attention_impl=attention_impl)
         terms = sami_loss_terms(m)
@@ -273,7 +275,7 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro(acc, xs):
-        (_, terms), grads = grad_fn(params, *xs)
+        (_, terms), grads = grad_fn(compute_params, *xs)
         grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc[0], grads)
         return (grads, jax.tree.map(jnp.add, acc[1], terms)), None
 

@@ -113,6 +113,39 @@ def test_gradients_match_torch(tmp_path, shared):
         np.testing.assert_allclose(ours, ref[e.hf_name], atol=2e-6, rtol=1e-4, err_msg=e.hf_name)
 
 
+def test_bf16_compute_step_matches_torch_autocast(tmp_path):
+    """compute_dtype=bfloat16 (float32 master params, cast once per step for all micro-batches) against
+    torch.autocast(bfloat16) through transformers, the authors' mixed precision: loss and gradient norm
+    agree to bfloat16 rounding, and differ from the float32 step's (so the cast took effect)."""
+    from sami_jax.sami import response_window
+
+    hf = tiny.hf_model("llama_kv2")
+    model = sami_jax.load_model(tiny.save(hf, tmp_path))
+    tokens, att, lm = _batch(4, seed=5, c=2, t=16)
+    q, c, _, t = tokens.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = hf(torch.as_tensor(tokens.reshape(-1, t), dtype=torch.long),
+                    attention_mask=torch.as_tensor(att.reshape(-1, t))).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+        -1, torch.as_tensor(tokens.reshape(-1, t)[:, 1:, None], dtype=torch.long))[..., 0]
+    mask = torch.as_tensor(lm.reshape(-1, t)[:, 1:], dtype=torch.float32)
+    m = ((logp * mask).sum(-1) / mask.sum(-1)).reshape(q, c, c)
+    target = torch.arange(c).expand(q, c)
+    loss = 0.5 * (torch.nn.functional.cross_entropy(m, target) + torch.nn.functional.cross_entropy(m.transpose(1, 2),
+                                                                                                    target))
+    loss.backward()
+    ref_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in hf.parameters())))
+
+    optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant")
+    arrays = [x.reshape(2, 2, *x.shape[1:]) for x in (tokens, att, lm)]  # 2 micro-batches of 2 queries
+    kwargs = dict(config=model.config, optim=optim, response_len=response_window(lm))
+    _, bf16 = sami_step(init_train_state(model.params, optim), *arrays, compute_dtype=jnp.bfloat16, **kwargs)
+    _, f32 = sami_step(init_train_state(model.params, optim), *arrays, **kwargs)
+    np.testing.assert_allclose(float(bf16["loss"]), loss.item(), rtol=1e-2)
+    np.testing.assert_allclose(float(bf16["grad_norm"]), ref_norm, rtol=2e-2)
+    assert float(bf16["loss"]) != float(f32["loss"])
+
+
 def test_accumulation_equals_one_big_batch(model):
     """4 accumulated micro-batches of 1 query == 1 batch of 4 queries."""
     # A large eps keeps Adam's first update linear in tiny gradients, so float noise cannot flip it.
