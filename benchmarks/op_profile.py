@@ -82,24 +82,22 @@ def op_profile(run: Callable[[], object], hlo_texts: Iterable[str] = (), top: in
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    device = {p for p, n in procs.items() if n.startswith("/device:")}
-    streams = {k for k, n in threads.items() if k[0] in device and "stream" in n.lower()}
     descs = {}
     for text in hlo_texts:
         descs.update(describe_hlo(text))
-
-    def on_device(e):
-        if e.get("ph") != "X":
-            return False
-        if device:  # GPU: kernels and copies on the streams (not the derived per-op/per-module lines)
-            return (e["pid"], e.get("tid")) in streams if streams else e["pid"] in device
-        return "hlo_op" in e.get("args", {})
+    # XLA ops carry hlo_op: a GPU's kernels and copies on its streams (not the derived per-op lines), else
+    # the CPU's thunks on host threads. A device plane without such events (libtpu loaded for an AOT
+    # compile, say) does not count.
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    on_device = [e for e in ops if procs.get(e["pid"], "").startswith("/device:")]
+    if on_device:
+        on_stream = [e for e in on_device if "stream" in threads.get((e["pid"], e.get("tid")), "").lower()]
+        ops = on_stream or on_device
 
     total, count, kernel = collections.Counter(), collections.Counter(), {}
     span = [float("inf"), 0.0]
-    for e in filter(on_device, events):
-        args = e.get("args", {})
-        key = (args.get("hlo_module", ""), args.get("hlo_op") or e["name"])
+    for e in ops:
+        key = (e["args"].get("hlo_module", ""), e["args"]["hlo_op"])
         total[key] += e["dur"]
         count[key] += 1
         kernel.setdefault(key, e["name"])
