@@ -79,6 +79,23 @@ def _batch(q, seed=0, c=2, t=16):
     return tokens, att, lm
 
 
+def _torch_sami_loss(hf, tokens, att, lm, autocast: bool = False):
+    """The authors' SAMI loss in torch through transformers' model (under torch.autocast(bfloat16) when
+    asked): each pair's mean response-token log-prob (log-softmax in float64), the [q, c, c] matrix, the
+    symmetric cross-entropy against the diagonal."""
+    q, c, _, t = tokens.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = hf(torch.as_tensor(tokens.reshape(-1, t), dtype=torch.long),
+                    attention_mask=torch.as_tensor(att.reshape(-1, t))).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(
+        -1, torch.as_tensor(tokens.reshape(-1, t)[:, 1:, None], dtype=torch.long))[..., 0]
+    mask = torch.as_tensor(lm.reshape(-1, t)[:, 1:], dtype=torch.float64)
+    m = ((logp * mask).sum(-1) / mask.sum(-1)).reshape(q, c, c)
+    target = torch.arange(c).expand(q, c)
+    return 0.5 * (torch.nn.functional.cross_entropy(m, target)
+                  + torch.nn.functional.cross_entropy(m.transpose(1, 2), target))
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["pairs", "prompts_shared"])
 def test_gradients_match_torch(tmp_path, shared):
     """d SAMI loss / d every weight (the CPU's custom matmul backward, with and without shared prompts)
@@ -89,16 +106,7 @@ def test_gradients_match_torch(tmp_path, shared):
     hf = tiny.hf_model("llama_kv2")
     model = sami_jax.load_model(tiny.save(hf, tmp_path))
     tokens, att, lm = _batch(3, seed=4, c=2, t=16)
-    q, c, _, t = tokens.shape
-    logits = hf(torch.as_tensor(tokens.reshape(-1, t), dtype=torch.long),
-                attention_mask=torch.as_tensor(att.reshape(-1, t))).logits
-    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(
-        -1, torch.as_tensor(tokens.reshape(-1, t)[:, 1:, None], dtype=torch.long))[..., 0]
-    mask = torch.as_tensor(lm.reshape(-1, t)[:, 1:], dtype=torch.float64)
-    m = ((logp * mask).sum(-1) / mask.sum(-1)).reshape(q, c, c)
-    target = torch.arange(c).expand(q, c)
-    loss = 0.5 * (torch.nn.functional.cross_entropy(m, target) + torch.nn.functional.cross_entropy(m.transpose(1, 2),
-                                                                                                    target))
+    loss = _torch_sami_loss(hf, tokens, att, lm)
     loss.backward()
     ref = {name: p.grad.numpy() for name, p in hf.named_parameters()}
 
@@ -122,17 +130,7 @@ def test_bf16_compute_step_matches_torch_autocast(tmp_path):
     hf = tiny.hf_model("llama_kv2")
     model = sami_jax.load_model(tiny.save(hf, tmp_path))
     tokens, att, lm = _batch(4, seed=5, c=2, t=16)
-    q, c, _, t = tokens.shape
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = hf(torch.as_tensor(tokens.reshape(-1, t), dtype=torch.long),
-                    attention_mask=torch.as_tensor(att.reshape(-1, t))).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(
-        -1, torch.as_tensor(tokens.reshape(-1, t)[:, 1:, None], dtype=torch.long))[..., 0]
-    mask = torch.as_tensor(lm.reshape(-1, t)[:, 1:], dtype=torch.float32)
-    m = ((logp * mask).sum(-1) / mask.sum(-1)).reshape(q, c, c)
-    target = torch.arange(c).expand(q, c)
-    loss = 0.5 * (torch.nn.functional.cross_entropy(m, target) + torch.nn.functional.cross_entropy(m.transpose(1, 2),
-                                                                                                    target))
+    loss = _torch_sami_loss(hf, tokens, att, lm, autocast=True)
     loss.backward()
     ref_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in hf.parameters())))
 
