@@ -10,9 +10,10 @@
    Ours after its compile (printed apart) vs HF transformers `generate` after a warm-up call; both read the
    same weights (HF's random init, imported through our HF path). Ours runs with the weights and KV cache
    as one buffer per layer and a Python loop over the layers (`Sampler(per_layer=True)`, the default off
-   TPUs, with the projections stored [out, in] and fused) and, with --variants, also per-layer with the
-   params tree's [in, out] weights or stacked with a layer scan (`per_layer=False`, the TPU path); those
-   are timed on the top-p run only. Also reported for the first: the prefill alone (a run of one new
+   TPUs, with the projections stored [out, in] and fused, the prompt through cuDNN flash attention in
+   bf16) and, with --variants, also: per-layer with the params tree's [in, out] weights, per-layer with the
+   einsum prefill, or stacked with a layer scan (`per_layer=False`, the TPU path); those are timed on the
+   top-p run only. Also reported for the first: the prefill alone (a run of one new
    token), the decode rate without it, and that rate as a fraction of the decode roofline (weights plus the
    mean KV cache read once per step at the measured copy bandwidth).
 3. With --profile DIR: the device ops of one run of a prefill and a decode chunk (benchmarks/op_profile.py),
