@@ -27,13 +27,13 @@ _NOTABLE = ("dot", "convolution", "custom-call", "reduce", "exponential", "trans
 def describe_hlo(text: str) -> dict[tuple[str, str], str]:
     """{(module, instruction name): "opcode result-shape [notable ops inside its fused computation]"} for the
     modules in `text` (one or more compiled HLO modules)."""
-    module = re.search(r"HloModule ([\w.\-]+)", text)
-    module = module.group(1) if module else ""
     if text.count("HloModule ") > 1:
         out = {}
         for part in re.split(r"\n(?=HloModule )", text):
             out.update(describe_hlo(part))
         return out
+    module = re.search(r"HloModule ([\w.\-]+)", text)
+    module = module.group(1) if module else ""
     bodies, current = {}, None
     for line in text.splitlines():
         m = _HEADER.match(line)
