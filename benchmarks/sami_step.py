@@ -167,7 +167,7 @@ def main() -> None:
     import sami_jax
     from sami_jax.optim import OptimConfig
     from sami_jax.perf import peak_flops, train_flops
-    from sami_jax.sami import init_train_state, response_window, sami_step
+    from sami_jax.sami import init_train_state, prompt_window, response_window, sami_step
 
     model = sami_jax.load_model(source)
     config, params = model.config, model.params
@@ -190,7 +190,8 @@ def main() -> None:
         n_micro = next((int(o[1:]) for o in options if o[:1] == "m"), micro)
         arrays = [jnp.asarray(a.reshape(n_micro, -1, *a.shape[2:])) for a in (tokens, attention, loss_mask)]
         kwargs = dict(config=config, optim=optim, compute_dtype=jnp.bfloat16 if gpu else None, remat=remat,
-                      response_len=response_window(loss_mask), attention_impl=impl, prompts_shared=shared)
+                      response_len=response_window(loss_mask), attention_impl=impl, prompts_shared=shared,
+                      prompt_len=prompt_window(loss_mask) if shared else None)
         start_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params) if "bf16" in options else params
         state = init_train_state(start_params, optim)
         try:

@@ -195,6 +195,7 @@ class Plan:
     sharder: Sharder
     seq_len: int  # tokens per training sequence
     response_len: int  # the vocab projection window of the step
+    prompt_window: int  # the step's prompt slots when prompts are shared
     prompt_len: int  # the sampler's prompt bucket
     cache_len: int  # KV-cache slots: prompt bucket + decode steps
 
@@ -214,8 +215,8 @@ def make_plan(config, model_config, devices) -> Plan:
         raise AOTError(f"config.data.max_prompt_len={config.data.max_prompt_len} exceeds the sampler's largest "
                        f"prompt bucket {DEFAULT_BUCKETS[-1]}")
     steps = -(-(config.sampling.max_new_tokens - 1) // DECODE_CHUNK) * DECODE_CHUNK
-    return Plan(config, model_config, Sharder.create(mesh), seq_len, -(-response // 16) * 16, prompt_len,
-                prompt_len + steps)
+    return Plan(config, model_config, Sharder.create(mesh), seq_len, -(-response // 16) * 16,
+                min(-(-config.data.max_prompt_len // 16) * 16, seq_len), prompt_len, prompt_len + steps)
 
 
 def _compute_dtype(config):
@@ -236,11 +237,12 @@ def lower_sami_step(plan: Plan):
     lowered = sami_step.lower(state, batch, batch, batch, config=plan.model, optim=optim, reduce=cfg.train.reduce,
                               remat=cfg.train.remat, compute_dtype=_compute_dtype(cfg), sharder=plan.sharder,
                               response_len=plan.response_len, attention_impl="einsum",
-                              prompts_shared=cfg.train.share_prompts)
+                              prompts_shared=cfg.train.share_prompts,
+                              prompt_len=plan.prompt_window if cfg.train.share_prompts else None)
     sequences = math.prod(shape[:-1])
     rows, length = sequences, plan.seq_len
     if cfg.train.share_prompts:  # the program runs packed rows: one per prompt, its c responses after it
-        rows, length = sequences // c, plan.seq_len + (c - 1) * plan.response_len
+        rows, length = sequences // c, plan.prompt_window + c * plan.response_len
     return lowered, train_flops(plan.model, rows * length, length, logit_tokens=sequences * plan.response_len)
 
 

@@ -155,69 +155,74 @@ def response_window(loss_mask, multiple: int = 8) -> int:
     return -(-longest // multiple) * multiple
 
 
-def share_prompts(tokens_qcct, attention_qcct, loss_mask_qcct, response_len: int) -> dict[str, jax.Array]:
+def prompt_window(loss_mask, multiple: int = 8) -> int:
+    """The `prompt_len` for a batch (host side): its longest prompt (the tokens before the first scored
+    one), rounded up to `multiple`, at most the sequence length."""
+    mask = np.asarray(loss_mask).astype(bool)
+    longest = int(np.argmax(mask, axis=-1).max(initial=1))
+    return min(-(-longest // multiple) * multiple, mask.shape[-1])
+
+
+def share_prompts(tokens_qcct, attention_qcct, loss_mask_qcct, prompt_len: int,
+                  response_len: int) -> dict[str, jax.Array]:
     """The pair batch packed into one row per (query q, constitution k), so that each prompt's forward runs
-    once for its c responses instead of c times: slots [0, t) hold the pair (k, response 0) as it is, then
-    responses 1..c-1 follow in windows of n = response_len slots, each continuing the prompt alone
-    (segment j + 1 sees the prompt, segment 0, and itself; see `attention.prefix_segment_mask`), at the
-    RoPE positions it has after the prompt. Same log-probs as the pairs, in (t + (c - 1) n) / (c t) of the
-    tokens.
+    once for its c responses instead of c times: prompt k in the first P = prompt_len slots, then
+    responses 0..c-1 in windows of n = response_len slots, each continuing the prompt alone (see
+    `attention.prefix_windows_attention`) at the RoPE positions it has after the prompt. Same log-probs as
+    the pairs, in (P + c n) / (c t) of the tokens.
 
     Needs the structure `build_pair_batch` gives: right-padded rows, response j's tokens the same after
-    every prompt (read from the pairs (0, j)), each response's scored tokens contiguous and at most n.
-    Returns tokens, positions, segments [q * c, t + (c - 1) n] and, to score response j's token r from the
-    logits at slot pred[., j * n + r]: pred, targets, mask [q * c, c * n].
+    every prompt (read from the pairs (0, j)), each prompt at most P tokens and each response's scored
+    tokens contiguous and at most n. Returns tokens, valid (real tokens), positions [q * c, P + c n] and,
+    to score response j's token r from the logits at slot pred[., j * n + r]: pred, targets, mask
+    [q * c, c * n].
     """
     q, c, _, t = tokens_qcct.shape
-    n = response_len
+    p, n = prompt_len, response_len
+    if p > t:
+        raise ValueError(f"prompt_len {p} exceeds the pairs' {t} tokens")
     scored = loss_mask_qcct.astype(bool)
     plen = jnp.argmax(scored[:, :, 0], axis=-1).astype(jnp.int32)  # [q, c]: prompt k's length
     rlen = jnp.sum(scored[:, 0], axis=-1, dtype=jnp.int32)  # [q, c]: response j's length
-    slot, r = jnp.arange(t, dtype=jnp.int32), jnp.arange(n, dtype=jnp.int32)
-    first = tokens_qcct[:, :, 0]  # [q, c, t]: prompt k + response 0
-    first_seg = jnp.where(slot < plen[..., None], 0, jnp.where(attention_qcct[:, :, 0].astype(bool), 1, -1))
-    src = jnp.broadcast_to(jnp.minimum(plen[:, :1, None] + r, t - 1), (q, c - 1, n))
-    extra = jnp.take_along_axis(tokens_qcct[:, 0, 1:], src, axis=-1)  # [q, c - 1, n]: responses 1..c-1
-    extra_seg = jnp.where(r < rlen[:, 1:, None], jnp.arange(2, c + 1, dtype=jnp.int32)[None, :, None], -1)
+    slot, r = jnp.arange(p, dtype=jnp.int32), jnp.arange(n, dtype=jnp.int32)
+    src = jnp.minimum(plen[:, :1, None] + r, t - 1)  # [q, 1, n]: where response j starts in pair (0, j)
+    responses = jnp.take_along_axis(tokens_qcct[:, 0], src, axis=-1)  # [q, c, n]
 
     def per_k(x_qjn):  # the responses' slots are the same in every row of a query
-        return jnp.broadcast_to(x_qjn.reshape(q, 1, -1), (q, c, x_qjn.shape[1] * n))
+        return jnp.broadcast_to(x_qjn.reshape(q, 1, c * n), (q, c, c * n))
 
-    tokens = jnp.concatenate([first, per_k(extra)], axis=-1)
-    segments = jnp.concatenate([first_seg, per_k(extra_seg)], axis=-1)
-    positions = jnp.concatenate([jnp.broadcast_to(slot, (q, c, t)),
-                                 plen[..., None] + jnp.tile(r, c - 1)[None, None]], axis=-1)
-    # response 0's token r sits at slot plen + r; response j's at slot t + (j - 1) n + r; each is scored from
-    # the slot before it, and the first token of every response from the prompt's last slot
-    starts = jnp.concatenate([plen[..., None], jnp.broadcast_to(t + n * jnp.arange(c - 1, dtype=jnp.int32),
-                                                                (q, c, c - 1))], axis=-1)  # [q, c, c]
-    pred = jnp.where(r == 0, plen[:, :, None, None] - 1, starts[..., None] + r - 1)
-    targets = jnp.concatenate([jnp.take_along_axis(first, jnp.minimum(plen[..., None] + r, t - 1), -1)[:, :, None],
-                               jnp.broadcast_to(extra[:, None], (q, c, c - 1, n))], axis=2)
-    mask = jnp.broadcast_to(r < rlen[:, None, :, None], (q, c, c, n))
-    width = t + (c - 1) * n
-    flat = {"tokens": tokens, "positions": positions, "segments": segments,
-            "pred": jnp.clip(pred, 0, width - 1), "targets": targets, "mask": mask}
+    tokens = jnp.concatenate([tokens_qcct[:, :, 0, :p], per_k(responses)], axis=-1)
+    valid = jnp.concatenate([slot < plen[..., None], per_k(r < rlen[..., None])], axis=-1)
+    positions = jnp.concatenate([jnp.broadcast_to(slot, (q, c, p)), plen[..., None] + jnp.tile(r, c)[None, None]],
+                                axis=-1)
+    # response j's token r sits at slot p + j n + r and is scored from the slot before it; its first token
+    # from the prompt's last slot
+    starts = p + n * jnp.arange(c, dtype=jnp.int32)
+    pred = jnp.where(r == 0, plen[:, :, None, None] - 1, starts[None, None, :, None] + r - 1)  # [q, c, c, n]
+    flat = {"tokens": tokens, "valid": valid, "positions": positions, "pred": jnp.clip(pred, 0, p + c * n - 1),
+            "targets": jnp.broadcast_to(responses[:, None], (q, c, c, n)),
+            "mask": jnp.broadcast_to(r < rlen[:, None, :, None], (q, c, c, n))}
     return {k: v.reshape(q * c, -1) for k, v in flat.items()}
 
 
 def logprob_matrix(params, config: ModelConfig, tokens_qcct, attention_qcct, loss_mask_qcct, reduce: str = "mean",
-                   response_len: int | None = None, prompts_shared: bool = False, **forward_kwargs) -> jax.Array:
+                   response_len: int | None = None, prompts_shared: bool = False, prompt_len: int | None = None,
+                   **forward_kwargs) -> jax.Array:
     """M [q, c, c]: the per-sequence log-prob function mapped over the (constitution k, response j) pairs.
 
     The map is a vmap done by hand: the q * c * c sequences form one batch (the same computation), which the
     mesh can split across all of them rather than across queries only, and which Mixtral's dropless experts
     (`lax.ragged_dot`, whose batching rule covers only a leading axis) run as they are.
-    prompts_shared: run each prompt once for its c responses (`share_prompts`; needs response_len and the
-    einsum attention); the same M from fewer tokens.
+    prompts_shared: run each prompt once for its c responses (`share_prompts`; needs response_len,
+    prompt_len and the einsum attention); the same M from fewer tokens.
     """
     q, c1, c2, t = tokens_qcct.shape
     if prompts_shared:
-        if response_len is None:
-            raise ValueError("prompts_shared needs response_len")
-        b = share_prompts(tokens_qcct, attention_qcct, loss_mask_qcct, response_len)
-        logits = forward(params, b["tokens"], config, positions_bt=b["positions"], segments_bt=b["segments"],
-                         logit_positions_bn=b["pred"], **forward_kwargs)
+        if response_len is None or prompt_len is None:
+            raise ValueError("prompts_shared needs response_len and prompt_len (`response_window`, `prompt_window`)")
+        b = share_prompts(tokens_qcct, attention_qcct, loss_mask_qcct, prompt_len, response_len)
+        logits = forward(params, b["tokens"], config, mask_bt=b["valid"], positions_bt=b["positions"],
+                         prefix_windows=(prompt_len, response_len), logit_positions_bn=b["pred"], **forward_kwargs)
         n = response_len
         return _reduce_logprobs(logits.reshape(q * c1, c2, n, -1), b["targets"].reshape(q * c1, c2, n),
                                 b["mask"].reshape(q * c1, c2, n), reduce).reshape(q, c1, c2)
@@ -242,17 +247,20 @@ def init_train_state(params, optim: OptimConfig) -> TrainState:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optim", "reduce", "remat", "compute_dtype", "sharder",
-                                             "response_len", "attention_impl", "prompts_shared"), donate_argnums=0)
+                                             "response_len", "attention_impl", "prompts_shared", "prompt_len"),
+                   donate_argnums=0)
 def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelConfig, optim: OptimConfig,
               reduce: str = "mean", remat: str = "none", compute_dtype=None, sharder=None,
-              response_len: int | None = None, attention_impl: str = "einsum", prompts_shared: bool = False):
+              response_len: int | None = None, attention_impl: str = "einsum", prompts_shared: bool = False,
+              prompt_len: int | None = None):
     """One optimizer update from A micro-batches: tokens/attention/loss_mask [A, q, c, c, t].
 
     response_len: at least the longest response of the batch (`response_window(loss_mask)`); the vocab
     projection then covers only the response tokens (see `sequence_logprobs`). None: every position.
     attention_impl: "einsum" or "cudnn" (flash attention; GPU, bf16 compute), see `models.transformer.forward`.
-    prompts_shared: each prompt runs once for its c responses (`share_prompts`: needs response_len, the
-    einsum attention and `build_pair_batch`'s structure); the same update from fewer FLOPs.
+    prompts_shared: each prompt runs once for its c responses (`share_prompts`: needs response_len,
+    prompt_len (`prompt_window(loss_mask)`), the einsum attention and `build_pair_batch`'s structure); the
+    same update from fewer FLOPs.
 
     Gradients are accumulated over the micro-batches (a scan; the mean of their losses, i.e. true
     accumulation, not the authors' zero_grad-per-micro-step) and applied once. compute_dtype (e.g.
@@ -267,7 +275,7 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
     compute_params = params if compute_dtype is None else jax.tree.map(lambda x: x.astype(compute_dtype), params)
 
     def loss_fn(p, tok, att, lm):
-        m = logprob_matrix(p, config, tok, att, lm, reduce, response_len, prompts_shared, remat=remat,
+        m = logprob_matrix(p, config, tok, att, lm, reduce, response_len, prompts_shared, prompt_len, remat=remat,
                            sharder=sharder, attention_impl=attention_impl)
         terms = sami_loss_terms(m)
         return terms["loss"], terms

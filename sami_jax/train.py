@@ -51,7 +51,7 @@ from sami_jax.optim import OptimConfig
 from sami_jax.perf import peak_flops, train_flops
 from sami_jax.report import MetricsWriter, read_metrics, write_report
 from sami_jax.run_config import run_mesh, steps_for, validate
-from sami_jax.sami import build_pair_batch, init_train_state, logprob_matrix, response_window, sami_step
+from sami_jax.sami import build_pair_batch, init_train_state, logprob_matrix, prompt_window, response_window, sami_step
 from sami_jax.sampling import Sampler, SamplingParams
 from sami_jax.sharding import Sharder, param_shardings
 from sami_jax.tokenizer import load_tokenizer
@@ -192,7 +192,7 @@ class Runner:
         self.shared = config.train.share_prompts and self.attention_impl == "einsum"
         self.score_shared = config.train.share_prompts and self.score_attention == "einsum"
         self._score_fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len", "prompts_shared",
-                                                                  "attention_impl"))
+                                                                  "prompt_len", "attention_impl"))
         self.peak = peak_flops(jax.devices()[0])
         self._judge = None  # made on first use (a local judge loads a model)
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -287,27 +287,30 @@ class Runner:
         return records
 
     # ---------------------------------------------------------------------------------------- training
-    def _step_batch(self, records: list[dict], step: int, seq_len: int, response_len: int):
+    def _step_batch(self, records: list[dict], step: int, seq_len: int, prompt_len: int, response_len: int):
         cfg = self.config.train
         b = cfg.batch_size
         rows = [records[(step * b + i) % len(records)] for i in range(b)]
         batch = build_pair_batch(self.tokenizer, [r["train_prompts"] for r in rows], [r["responses"] for r in rows],
                                  keep_eos=cfg.keep_eos, pad_to_multiple=seq_len)
         assert batch.tokens.shape[-1] == seq_len and response_window(batch.loss_mask, 1) <= response_len
+        assert prompt_window(batch.loss_mask, 1) <= prompt_len
         a = b // cfg.micro_batch_size
         arrays = [x.reshape(a, cfg.micro_batch_size, *x.shape[1:]) for x in
                   (batch.tokens, batch.attention, batch.loss_mask)]
         sharding = self.sharder.sharding(arrays[0].shape, (None, "batch", None, None, None))
         return [global_array(x, sharding) for x in arrays], int(batch.attention.sum()), int(batch.loss_mask.sum())
 
-    def _lengths(self, records: list[dict]) -> tuple[int, int]:
-        """(sequence length, response window) of an iteration's steps: one compile per iteration."""
+    def _lengths(self, records: list[dict]) -> tuple[int, int, int]:
+        """(sequence length, prompt window, response window) of an iteration's steps: one compile per
+        iteration."""
         eos = int(self.config.train.keep_eos)
         prompt = max(len(self.tokenizer.encode(p, add_bos=self.tokenizer.add_bos_default))
                      for r in records for p in r["train_prompts"])
         response = max(len(self.tokenizer.encode(y)) + eos for r in records for y in r["responses"])
         m = self.config.train.seq_multiple
-        return -(-(prompt + response) // m) * m, -(-response // 16) * 16
+        seq_len = -(-(prompt + response) // m) * m
+        return seq_len, min(-(-prompt // 16) * 16, seq_len), -(-response // 16) * 16
 
     def _new_state(self):
         """A fresh train state from the base params with every leaf on the mesh: init_train_state leaves its
@@ -330,11 +333,12 @@ class Runner:
         start = int(state.step)
         if start >= n_steps:
             return state.params
-        seq_len, response_len = self._lengths(records)
+        lengths = self._lengths(records)
         kwargs = dict(config=self.base.config, optim=self.optim, reduce=cfg.train.reduce, remat=cfg.train.remat,
-                      compute_dtype=self.compute_dtype, sharder=self.sharder, response_len=response_len,
-                      attention_impl=self.attention_impl, prompts_shared=self.shared)
-        arrays, _, _ = self._step_batch(records, start, seq_len, response_len)
+                      compute_dtype=self.compute_dtype, sharder=self.sharder, response_len=lengths[2],
+                      attention_impl=self.attention_impl, prompts_shared=self.shared,
+                      prompt_len=lengths[1] if self.shared else None)
+        arrays, _, _ = self._step_batch(records, start, *lengths)
         t0 = time.perf_counter()
         step_fn = sami_step.lower(state, *arrays, **kwargs).compile()
         compile_s = time.perf_counter() - t0
@@ -342,7 +346,7 @@ class Runner:
         with tqdm(total=n_steps, initial=start, desc=f"iteration {t}: training", unit="step",
                   disable=not self.primary) as bar:
             for s in range(start, n_steps):
-                arrays, real_tokens, scored = self._step_batch(records, s, seq_len, response_len)
+                arrays, real_tokens, scored = self._step_batch(records, s, *lengths)
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, *arrays)
                 metrics = {k: float(host_array(v)) for k, v in metrics.items()}
@@ -356,7 +360,7 @@ class Runner:
                         f"{self.workdir / 'checkpoints'} is intact; lower optim.learning_rate or check the data.")
                 metrics["tokens_per_s"] = real_tokens / dt
                 if self.peak:  # the pairs' FLOPs, shared prompts or not: the work the authors' step does
-                    flops = train_flops(self.base.config, arrays[0].size, seq_len, logit_tokens=scored)
+                    flops = train_flops(self.base.config, arrays[0].size, lengths[0], logit_tokens=scored)
                     metrics["mfu"] = flops / dt / self.peak
                 if s == start:
                     metrics["compile_s"] = compile_s
@@ -493,6 +497,7 @@ class Runner:
             m = host_array(self._score_fn(params, self.base.config, tokens, attention, loss_mask,
                                           reduce="sum", response_len=response_window(batch.loss_mask, 32),
                                           prompts_shared=self.score_shared,
+                                          prompt_len=prompt_window(batch.loss_mask, 32) if self.score_shared else None,
                                           attention_impl=self.score_attention))[: len(ps)]
             empty = np.array([[not y for y in row] for row in ys])
             out.append(np.where(empty[:, None, :], 0.0, m))

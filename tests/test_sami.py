@@ -11,7 +11,7 @@ import tiny
 import torch
 
 import sami_jax
-from sami_jax.sami import build_pair_batch, logprob_matrix, response_window, sami_loss, sami_loss_terms
+from sami_jax.sami import build_pair_batch, logprob_matrix, prompt_window, response_window, sami_loss, sami_loss_terms
 
 # ../shared/reference/sami-method.md §2.1: M (rows = constitutions) -> L_row, L_col, L.
 PAPER_VECTORS = [
@@ -134,18 +134,23 @@ def test_shared_prompts_match_hf_per_sequence():
     responses = [[rng.integers(3, 256, rng.integers(1, 14)).tolist() for _ in range(c)] for _ in range(q)]
     tokens, attention, loss_mask, ref = _pairs_and_hf_logprobs(hf, prompts, responses, t=24)
     assert int(attention.sum(-1).max()) > 12  # some pair is longer than the window
-    window = response_window(loss_mask, multiple=1)
-    packed = share_prompts(tokens, attention, loss_mask, window)
+    window, prompt = response_window(loss_mask, multiple=1), prompt_window(loss_mask, multiple=4)
+    lens = [len(p) for row in prompts for p in row]
+    assert prompt == -(-max(lens) // 4) * 4 and min(lens) < prompt  # rows with padding in the prompt slots
+    packed = share_prompts(tokens, attention, loss_mask, prompt, window)
     row = packed["tokens"].reshape(q, c, -1)[1, 2]  # query 1, prompt 2: the prompt, then each response once
-    seg = packed["segments"].reshape(q, c, -1)[1, 2]
-    assert row[seg == 0].tolist() == prompts[1][2]
+    valid = packed["valid"].reshape(q, c, -1)[1, 2]
+    assert row.shape == (prompt + c * window,)
+    assert row[:prompt][valid[:prompt]].tolist() == prompts[1][2]
     for j in range(c):
-        assert row[seg == j + 1].tolist() == responses[1][j]
-    fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len", "prompts_shared"))
+        slots = slice(prompt + j * window, prompt + (j + 1) * window)
+        assert row[slots][valid[slots]].tolist() == responses[1][j]
+    fn = jax.jit(logprob_matrix, static_argnames=("config", "reduce", "response_len", "prompts_shared", "prompt_len"))
     for reduce in ("mean", "sum"):
-        ours = fn(model.params, model.config, tokens, attention, loss_mask, reduce, window, prompts_shared=True)
+        ours = fn(model.params, model.config, tokens, attention, loss_mask, reduce, window, prompts_shared=True,
+                  prompt_len=prompt)
         np.testing.assert_allclose(ours, ref[reduce], atol=1e-5 if reduce == "mean" else 1e-4)
-    with pytest.raises(ValueError, match="prompts_shared needs response_len"):
+    with pytest.raises(ValueError, match="prompts_shared needs response_len and prompt_len"):
         logprob_matrix(model.params, model.config, tokens, attention, loss_mask, prompts_shared=True)
 
 
@@ -194,7 +199,8 @@ def test_logprob_matrix_on_smollm2_matches_transformers(smollm2_gguf, smollm2_tr
         diffs = []
         ours = np.asarray(logprob_matrix(model.params, model.config, batch.tokens, batch.attention, batch.loss_mask,
                                          reduce=reduce, response_len=response_window(batch.loss_mask),
-                                         prompts_shared=shared))
+                                         prompts_shared=shared,
+                                         prompt_len=prompt_window(batch.loss_mask) if shared else None))
         for i in range(2):
             for k in range(2):
                 for j in range(2):

@@ -101,7 +101,7 @@ def test_gradients_match_torch(tmp_path, shared):
     """d SAMI loss / d every weight (the CPU's custom matmul backward, with and without shared prompts)
     equals torch autograd through transformers' model on the same pairs, tensor by tensor."""
     from sami_jax.checkpoints.hf import at_path, tensor_table
-    from sami_jax.sami import response_window, sami_loss
+    from sami_jax.sami import prompt_window, response_window, sami_loss
 
     hf = tiny.hf_model("llama_kv2")
     model = sami_jax.load_model(tiny.save(hf, tmp_path))
@@ -112,7 +112,7 @@ def test_gradients_match_torch(tmp_path, shared):
 
     def ours_loss(params):
         return sami_loss(logprob_matrix(params, model.config, tokens, att, lm, response_len=response_window(lm),
-                                        prompts_shared=shared))
+                                        prompts_shared=shared, prompt_len=prompt_window(lm) if shared else None))
 
     value, grads = jax.jit(jax.value_and_grad(ours_loss))(model.params)
     np.testing.assert_allclose(float(value), loss.item(), rtol=1e-5)
@@ -173,7 +173,7 @@ def test_sharded_step_equals_single_device(model, tmp_path_factory, shared):
     assert sharded_model.params["layers"]["self_attn"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
     batch_sharding = sharder.sharding(tokens.shape, (None, "batch", None, None, None))
     arrays = [jax.device_put(x, batch_sharding) for x in (tokens, att, lm)]
-    extra = dict(prompts_shared=True, response_len=16) if shared else {}
+    extra = dict(prompts_shared=True, prompt_len=8, response_len=16) if shared else {}
     state, metrics = sami_step(init_train_state(sharded_model.params, optim), *arrays, config=model.config,
                                optim=optim, sharder=sharder, **extra)
     q_proj = state.params["layers"]["self_attn"]["q_proj"]

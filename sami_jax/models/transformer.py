@@ -198,7 +198,7 @@ def _embed(params, tokens_bt, sharder: Sharder | None) -> jax.Array:
 def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.Array | None = None,
             positions_bt: jax.Array | None = None, remat: str = "none", moe_impl: str = "dropless",
             sharder: Sharder | None = None, logit_positions_bn: jax.Array | None = None,
-            attention_impl: str = "einsum", segments_bt: jax.Array | None = None) -> jax.Array:
+            attention_impl: str = "einsum", prefix_windows: tuple[int, int] | None = None) -> jax.Array:
     """Logits float32 [b, t, v] for token ids [b, t] ([b, n, v] with logit_positions_bn).
 
     mask_bt: 1 for real tokens, 0 for padding (left or right); padding keys are never attended.
@@ -209,22 +209,18 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
     tokens of a scored sequence), which saves its FLOPs and the [b, t, v] buffer everywhere else.
     attention_impl: "einsum" (any padding; scores materialized) or "cudnn" (flash attention on NVIDIA
     GPUs in bf16; rows must be right-padded, as SAMI's pair batches are).
-    segments_bt: rows packed as a shared prefix and segments that each continue it alone
-    (`attention.prefix_segment_mask`; mask_bt is then ignored and positions_bt required); einsum only.
+    prefix_windows: (P, n) for rows laid out as a prefix of P slots followed by windows of n slots that
+    each continue it alone (`attention.prefix_windows_attention`; SAMI's shared prompts); needs mask_bt
+    and positions_bt; einsum only.
     """
     if attention_impl not in ("einsum", "cudnn"):
         raise ValueError(f"attention_impl must be 'einsum' or 'cudnn', got {attention_impl!r}")
     b, t = tokens_bt.shape
-    if segments_bt is not None:
-        if attention_impl != "einsum" or positions_bt is None:
-            raise ValueError("segments_bt needs attention_impl='einsum' and positions_bt")
-        mask_bts = attention.prefix_segment_mask(segments_bt, positions_bt, config.sliding_window)
-    else:
-        mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
-        if positions_bt is None:
-            positions_bt = positions_from_mask(mask_bt)
-        idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask_bts = attention.attention_mask(idx_bt, idx_bt, mask_bt, config.sliding_window)
+    if prefix_windows is not None and (attention_impl != "einsum" or positions_bt is None or mask_bt is None):
+        raise ValueError("prefix_windows needs attention_impl='einsum', mask_bt and positions_bt")
+    mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
+    if positions_bt is None:
+        positions_bt = positions_from_mask(mask_bt)
     cos, sin = attention.rope_cos_sin(positions_bt, attention.rope_inv_freq(config))
 
     x = _embed(params, tokens_bt, sharder)
@@ -234,7 +230,14 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
 
         def attend(q, k, v):
             return attention.fused_attention(q, k, v, lengths_b, config.sliding_window), None
+    elif prefix_windows is not None:
+        def attend(q, k, v):
+            return attention.prefix_windows_attention(q, k, v, mask_bt, positions_bt, *prefix_windows,
+                                                      config.sliding_window), None
     else:
+        idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask_bts = attention.attention_mask(idx_bt, idx_bt, mask_bt, config.sliding_window)
+
         def attend(q, k, v):
             return attention.gqa_attention(q, k, v, mask_bts), None
 
