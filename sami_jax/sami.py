@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from sami_jax.models.config import ModelConfig
-from sami_jax.models.transformer import forward
+from sami_jax.models.transformer import token_logprobs
 from sami_jax.optim import OptimConfig, make_optimizer, make_schedule
 from sami_jax.sharding import param_shardings
 
@@ -111,11 +111,8 @@ def build_pair_batch(tokenizer, prompts: Sequence[Sequence[str]], responses: Seq
 
 
 # -------------------------------------------------------------------------------------------- log-probs
-def _reduce_logprobs(logits, targets, mask, reduce: str) -> jax.Array:
-    """log p of `targets` [..., n] under `logits` [..., n, v] (log-softmax in float32), masked, then summed or
-    averaged over n."""
-    logits = logits.astype(jnp.float32)
-    token_lp = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+def _reduce_logprobs(token_lp, mask, reduce: str) -> jax.Array:
+    """Token log-probs [..., n] masked, then summed or averaged over n."""
     mask = mask.astype(jnp.float32)
     total = jnp.sum(token_lp * mask, axis=-1)
     if reduce == "sum":
@@ -134,19 +131,21 @@ def sequence_logprobs(params, config: ModelConfig, tokens_bt, attention_bt, loss
     (`response_window` computes it); the vocab projection then runs on those positions only instead of
     all t, which is most of the step's memory and much of its FLOPs for long prompts and vocabularies.
     """
-    t = tokens_bt.shape[1]
-    if response_len is None:
-        logits = forward(params, tokens_bt, config, mask_bt=attention_bt, **forward_kwargs)[:, :-1]
-        return _reduce_logprobs(logits, tokens_bt[:, 1:], loss_mask_bt[:, 1:], reduce)
+    b, t = tokens_bt.shape
+    if response_len is None:  # position i scores token i + 1
+        pred = jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1))
+        token_lp = token_logprobs(params, tokens_bt, config, tokens_bt[:, 1:], pred, mask_bt=attention_bt,
+                                  **forward_kwargs)
+        return _reduce_logprobs(token_lp, loss_mask_bt[:, 1:], reduce)
     first = jnp.argmax(loss_mask_bt, axis=1)  # the first scored token of each row
     target_idx = first[:, None] + jnp.arange(response_len)[None]
     inside = target_idx < t
     target_idx = jnp.minimum(target_idx, t - 1)
-    logits = forward(params, tokens_bt, config, mask_bt=attention_bt, logit_positions_bn=target_idx - 1,
-                     **forward_kwargs)
     targets = jnp.take_along_axis(tokens_bt, target_idx, axis=1)
+    token_lp = token_logprobs(params, tokens_bt, config, targets, target_idx - 1, mask_bt=attention_bt,
+                              **forward_kwargs)
     mask = jnp.take_along_axis(loss_mask_bt, target_idx, axis=1) * inside
-    return _reduce_logprobs(logits, targets, mask, reduce)
+    return _reduce_logprobs(token_lp, mask, reduce)
 
 
 def response_window(loss_mask, multiple: int = 8) -> int:
@@ -221,11 +220,12 @@ def logprob_matrix(params, config: ModelConfig, tokens_qcct, attention_qcct, los
         if response_len is None or prompt_len is None:
             raise ValueError("prompts_shared needs response_len and prompt_len (`response_window`, `prompt_window`)")
         b = share_prompts(tokens_qcct, attention_qcct, loss_mask_qcct, prompt_len, response_len)
-        logits = forward(params, b["tokens"], config, mask_bt=b["valid"], positions_bt=b["positions"],
-                         prefix_windows=(prompt_len, response_len), logit_positions_bn=b["pred"], **forward_kwargs)
+        token_lp = token_logprobs(params, b["tokens"], config, b["targets"], b["pred"], mask_bt=b["valid"],
+                                  positions_bt=b["positions"], prefix_windows=(prompt_len, response_len),
+                                  **forward_kwargs)
         n = response_len
-        return _reduce_logprobs(logits.reshape(q * c1, c2, n, -1), b["targets"].reshape(q * c1, c2, n),
-                                b["mask"].reshape(q * c1, c2, n), reduce).reshape(q, c1, c2)
+        return _reduce_logprobs(token_lp.reshape(q * c1, c2, n), b["mask"].reshape(q * c1, c2, n),
+                                reduce).reshape(q, c1, c2)
     flat = [x.reshape(q * c1 * c2, t) for x in (tokens_qcct, attention_qcct, loss_mask_qcct)]
     return sequence_logprobs(params, config, *flat, reduce, response_len, **forward_kwargs).reshape(q, c1, c2)
 

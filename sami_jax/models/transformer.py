@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sami_jax.models import attention, moe
+from sami_jax.models import attention, logprobs, moe
 from sami_jax.models.config import ModelConfig
 from sami_jax.sharding import Sharder
 
@@ -195,18 +195,50 @@ def _embed(params, tokens_bt, sharder: Sharder | None) -> jax.Array:
     return sharder.constrain(x, ("batch", None, None)) if sharder is not None else x
 
 
-def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.Array | None = None,
-            positions_bt: jax.Array | None = None, remat: str = "none", moe_impl: str = "dropless",
-            sharder: Sharder | None = None, logit_positions_bn: jax.Array | None = None,
-            attention_impl: str = "einsum", prefix_windows: tuple[int, int] | None = None) -> jax.Array:
-    """Logits float32 [b, t, v] for token ids [b, t] ([b, n, v] with logit_positions_bn).
+def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, sharder: Sharder | None = None,
+            logit_positions_bn: jax.Array | None = None, **kwargs) -> jax.Array:
+    """Logits float32 [b, t, v] for token ids [b, t] ([b, n, v] with logit_positions_bn); kwargs as for
+    `hidden_states`."""
+    x = hidden_states(params, tokens_bt, config, sharder=sharder, positions_bn=logit_positions_bn, **kwargs)
+    return _logits(params, x, config, sharder)
+
+
+def token_logprobs(params, tokens_bt: jax.Array, config: ModelConfig, targets_bn: jax.Array,
+                   logit_positions_bn: jax.Array, *, sharder: Sharder | None = None, **kwargs) -> jax.Array:
+    """float32 [b, n]: log p(targets_bn | the logits at logit_positions_bn), a log-softmax over the vocabulary;
+    kwargs as for `hidden_states`. On a CPU (and unsharded) without the [b, n, v] logits in memory
+    (`logprobs.vocab_logprobs`); elsewhere from `forward`'s logits."""
+    x = hidden_states(params, tokens_bt, config, sharder=sharder, positions_bn=logit_positions_bn, **kwargs)
+
+    def plain(x, targets):
+        logits = _logits(params, x, config, sharder)
+        return jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    if sharder is not None or isinstance(params.get("lm_head"), OutIn):
+        return plain(x, targets_bn)
+
+    def chunked(x, targets):
+        w_vd = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"].T
+        x = rms_norm(x, params["norm"], config.rms_norm_eps)
+        b, n, d = x.shape
+        return logprobs.vocab_logprobs(x.reshape(b * n, d), w_vd, targets.reshape(b * n)).reshape(b, n)
+
+    return jax.lax.platform_dependent(x, targets_bn, cpu=chunked, default=plain)
+
+
+def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.Array | None = None,
+                  positions_bt: jax.Array | None = None, remat: str = "none", moe_impl: str = "dropless",
+                  sharder: Sharder | None = None, positions_bn: jax.Array | None = None,
+                  attention_impl: str = "einsum", prefix_windows: tuple[int, int] | None = None) -> jax.Array:
+    """The last layer's output [b, t, d] for token ids [b, t] (before the final norm; [b, n, d] at
+    positions_bn of each row).
 
     mask_bt: 1 for real tokens, 0 for padding (left or right); padding keys are never attended.
     positions_bt: RoPE positions; by default counted over real tokens (`positions_from_mask`).
     remat: a key of REMAT_POLICIES. moe_impl: "dropless" (grouped matmuls) or "dense" (reference).
     Params may be float32 or bfloat16; activations follow the params' dtype, logits are float32.
-    logit_positions_bn: the vocab projection only at these positions of each row (e.g. the response
-    tokens of a scored sequence), which saves its FLOPs and the [b, t, v] buffer everywhere else.
+    positions_bn: only these positions of each row (e.g. those whose logits score a response's tokens),
+    which saves the vocab projection's FLOPs and the [b, t, v] buffer everywhere else.
     attention_impl: "einsum" (any padding; scores materialized) or "cudnn" (flash attention on NVIDIA
     GPUs in bf16; rows must be right-padded, as SAMI's pair batches are).
     prefix_windows: (P, n) for rows laid out as a prefix of P slots followed by windows of n slots that
@@ -250,9 +282,9 @@ def forward(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt: jax.A
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     x, _ = jax.lax.scan(lambda x, p: (body(x, p), None), x, params["layers"])
-    if logit_positions_bn is not None:
-        x = jnp.take_along_axis(x, logit_positions_bn[..., None], axis=1)
-    return _logits(params, x, config, sharder)
+    if positions_bn is not None:
+        x = jnp.take_along_axis(x, positions_bn[..., None], axis=1)
+    return x
 
 
 @flax.struct.dataclass
