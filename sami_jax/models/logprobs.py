@@ -3,7 +3,7 @@
 The head of a scored step multiplies every scored position by the whole vocabulary: for SmolLM2 at the CPU
 benchmark's shapes a [2560, 49152] float32 matrix (503 MB) that XLA writes, reads back for the
 log-softmax, keeps for the backward pass and reads again there, each pass at main-memory speed (about
-7.7 GB/s on the 2-core machine, against 40 GB/s for a working set that stays in cache). Here the
+7.7 GB/s on session 15's 2-core machine, against 40 GB/s for a working set that stays in cache). Here the
 vocabulary is cut into chunks of columns: the forward pass keeps a running max and sum of exponentials
 per row over the chunks (an online logsumexp) and picks each target's logit from its chunk; the backward
 pass recomputes one chunk's logits at a time, turns them into the gradient of the log-probs in cache, and

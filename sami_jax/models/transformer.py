@@ -214,7 +214,7 @@ def token_logprobs(params, tokens_bt: jax.Array, config: ModelConfig, targets_bn
         logits = _logits(params, x, config, sharder)
         return jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
-    if sharder is not None or isinstance(params.get("lm_head"), OutIn):
+    if sharder is not None:
         return plain(x, targets_bn)
 
     def chunked(x, targets):
