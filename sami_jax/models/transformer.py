@@ -236,7 +236,7 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
     mask_bt: 1 for real tokens, 0 for padding (left or right); padding keys are never attended.
     positions_bt: RoPE positions; by default counted over real tokens (`positions_from_mask`).
     remat: a key of REMAT_POLICIES. moe_impl: "dropless" (grouped matmuls) or "dense" (reference).
-    Params may be float32 or bfloat16; activations follow the params' dtype, logits are float32.
+    Params may be float32 or bfloat16; the activations follow the params' dtype.
     positions_bn: only these positions of each row (e.g. those whose logits score a response's tokens),
     which saves the vocab projection's FLOPs and the [b, t, v] buffer everywhere else.
     attention_impl: "einsum" (any padding; scores materialized) or "cudnn" (flash attention on NVIDIA
