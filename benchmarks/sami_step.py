@@ -79,6 +79,14 @@ def pairs(prompts, responses):
                            np.broadcast_to(responses[..., None, :, :], (*lead, c, c, r))], axis=-1)
 
 
+def xla_option(text: str) -> tuple[str, bool | int | str]:
+    """'xla_NAME=VALUE' -> (name, value) for `compile(compiler_options=)`: true/false as bools, digits as ints."""
+    name, _, value = text.partition("=")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    return name, int(value) if value.lstrip("-").isdigit() else value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=("cpu", "gpu-1.1b"), default="cpu")
@@ -88,7 +96,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
     parser.add_argument("--variants", help="ours as attention:remat[:option...], comma-separated; options: shared "
                         "(prompts shared), mN (N micro-batches instead of the setting's), bf16 (bfloat16 master "
-                        "params). Default: einsum:none and einsum:dots:shared:m4 on cpu; einsum:dots_no_batch, "
+                        "params), xla_NAME=VALUE (an XLA option for this variant's compile alone). Default: "
+                        "einsum:none and einsum:dots:shared:m4 on cpu; einsum:dots_no_batch, "
                         "einsum:dots_no_batch:shared and cudnn:dots_no_batch on gpu-1.1b")
     parser.add_argument("--reference-micro", type=int, help="micro-batches of the reference instead of the "
                         "setting's (1 on cpu, 4 on gpu-1.1b)")
@@ -193,9 +202,10 @@ def main() -> None:
     print(f"reference: {ref_micro} micro-batches")
     print(f"{'setting':70s} {'ours tok/s':>11s} {'ref tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'ref MFU':>8s}")
     for impl, remat, *options in variants:
-        unknown = [o for o in options if o not in ("shared", "bf16") and o[:1] != "m"]
+        unknown = [o for o in options if o not in ("shared", "bf16") and o[:1] != "m" and not o.startswith("xla_")]
         if unknown:
             raise SystemExit(f"unknown variant options {unknown}")
+        xla = dict(xla_option(o) for o in options if o.startswith("xla_"))
         shared = "shared" in options
         n_micro = next((int(o[1:]) for o in options if o[:1] == "m"), micro)
         arrays = [jnp.asarray(a.reshape(n_micro, -1, *a.shape[2:])) for a in (tokens, attention, loss_mask)]
@@ -206,28 +216,30 @@ def main() -> None:
         state = init_train_state(start_params, optim)
         try:
             start = time.perf_counter()
-            state, metrics = sami_step(state, *arrays, **kwargs)
+            step = sami_step.lower(state, *arrays, **kwargs).compile(compiler_options=xla or None)
+            state, metrics = step(state, *arrays)
             our_losses = [float(metrics["loss"])]
         except Exception as e:  # e.g. no cuDNN flash attention for this GPU / jax build: report, go on
-            print(f"{impl}: failed: {type(e).__name__}: {str(e)[:300]}")
+            print(f"{':'.join([impl, remat, *options])}: failed: {type(e).__name__}: {str(e)[:300]}")
+            del state  # before the next variant allocates its own
             continue
         compile_s = time.perf_counter() - start
         for _ in range(args.warmup - 1):
-            state, metrics = sami_step(state, *arrays, **kwargs)
+            state, metrics = step(state, *arrays)
             our_losses.append(float(metrics["loss"]))
         start = time.perf_counter()
         for _ in range(args.steps):
-            state, metrics = sami_step(state, *arrays, **kwargs)
+            state, metrics = step(state, *arrays)
         jax.block_until_ready(state)
         ours_s = (time.perf_counter() - start) / args.steps
         if args.profile and [impl, remat, *options] == variants[-1]:
             from benchmarks.op_profile import op_profile
 
-            hlo = sami_step.lower(state, *arrays, **kwargs).compile().as_text()  # the cached executable's
+            hlo = step.as_text()
             holder = [state]
 
-            def one_step(holder=holder, arrays=arrays, kwargs=kwargs):
-                holder[0], m = sami_step(holder[0], *arrays, **kwargs)
+            def one_step(holder=holder, arrays=arrays, step=step):
+                holder[0], m = step(holder[0], *arrays)
                 jax.block_until_ready(m)
 
             op_profile(one_step, [hlo], top=40, title=f"sami_step, {':'.join([impl, remat, *options])}",
@@ -238,7 +250,8 @@ def main() -> None:
         del state
         ours_tps = n_tokens / ours_s
         setting = (f"{label}, attention {impl}, remat {remat}{', prompts shared' if shared else ''}, "
-                   f"{n_micro} micro-batches{', bf16 master params' if 'bf16' in options else ''}")
+                   f"{n_micro} micro-batches{', bf16 master params' if 'bf16' in options else ''}"
+                   + "".join(f", {k}={v}" for k, v in xla.items()))
         record = {"setting": setting, "ours": ours_tps, "reference": ref_tps, "unit": "tokens/s",
                   "ratio": ours_tps / ref_tps, "reference_micro_batches": ref_micro, "ours_compile_s": compile_s,
                   "device": jax.devices()[0].device_kind,
@@ -250,8 +263,8 @@ def main() -> None:
               f"(our compile {compile_s:.1f}s on {record['device']})")
         print(f"  losses of the warm-up steps: ours {our_losses}, reference {ref_losses}")
         records.append(record)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(records, indent=2))
+        if args.json:  # after each variant, so that a run cut short keeps what it measured
+            pathlib.Path(args.json).write_text(json.dumps(records, indent=2))
     os.system(f"rm -rf {tmp}")
 
 
