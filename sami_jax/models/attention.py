@@ -144,13 +144,21 @@ def _probs(scores_bkgts: jax.Array, mask_bts: jax.Array, head_dim: int, dtype) -
 
 
 def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Softmax attention with grouped KV heads; logits and softmax in float32. Returns [b, t, h, d]."""
+    """Softmax attention with grouped KV heads; logits and softmax in float32. Returns [b, t, h, d].
+
+    The heads move in front of the positions before the products (q as [b, k, g * t, d]), so that both
+    are plain batched matmuls and only the [t, h, d]-sized tensors are transposed: left to choose, XLA's
+    CPU backend transposed the [t, s] scores and probabilities instead (a SAMI window's attention, forward
+    and backward, 12.6 -> 10.3 ms; a batch-16 prefill's forward 14.7 -> 9.0 ms)."""
     b, t, h, d = q_bthd.shape
     kv_heads = k_bskd.shape[2]
-    q = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
-    out = jnp.einsum("bkgts,bskd->btkgd", _probs(scores, mask_bts, d, v_bskd.dtype), v_bskd)
-    return out.reshape(b, t, h, d)
+    g = h // kv_heads
+    q = q_bthd.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
+    k, v = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)  # [b, k, s, d]
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    probs = _probs(scores.reshape(b, kv_heads, g, t, -1), mask_bts, d, v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kv_heads, g * t, -1), v)
+    return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def gqa_attention_bksd(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
