@@ -16,7 +16,7 @@ gpu-1.1b: a TinyLlama-1.1B-shaped random model (HF's init, imported through our 
   variant that shares prompts. Ours runs with the einsum attention, with each prompt shared by its
   responses (`prompts_shared`: the same loss from fewer tokens) and, on a GPU, with cuDNN flash attention
   (`attention_impl`), each a record (cpu: the pairs with no remat in one batch, and the prompts shared with
-  remat "dots" in 4 micro-batches of 1 query, the same update); `--variants` picks others (e.g. fewer,
+  remat "dots_no_batch" in 4 micro-batches of 1 query, the same update); `--variants` picks others (e.g. fewer,
   larger micro-batches for ours alone), and `--profile DIR` tabulates the device ops of one step of the
   last (benchmarks/op_profile.py).
 
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--variants", help="ours as attention:remat[:option...], comma-separated; options: shared "
                         "(prompts shared), mN (N micro-batches instead of the setting's), bf16 (bfloat16 master "
                         "params), xla_NAME=VALUE (an XLA option for this variant's compile alone). Default: "
-                        "einsum:none and einsum:dots:shared:m4 on cpu; einsum:dots_no_batch, "
+                        "einsum:none and einsum:dots_no_batch:shared:m4 on cpu; einsum:dots_no_batch, "
                         "einsum:dots_no_batch:shared and cudnn:dots_no_batch on gpu-1.1b")
     parser.add_argument("--reference-micro", type=int, help="micro-batches of the reference instead of the "
                         "setting's (1 on cpu, 4 on gpu-1.1b)")
@@ -190,8 +190,8 @@ def main() -> None:
     optim = OptimConfig(name="adamw", learning_rate=lr, weight_decay=0.01, clip_norm=1.0, schedule="constant")
     remat = "dots_no_batch" if gpu else "none"
     # cpu: the pairs as they come, and our fastest: prompts shared, one query per micro-batch (the same
-    # update; smaller activations stay in cache) and the matmul outputs kept for the backward pass
-    default = ("einsum:none,einsum:dots:shared:m4" if not gpu else
+    # update; smaller activations stay in cache) and the weight matmuls' outputs kept for the backward pass
+    default = ("einsum:none,einsum:dots_no_batch:shared:m4" if not gpu else
                f"einsum:{remat},einsum:{remat}:shared" + (f",cudnn:{remat}" if device == "cuda" else ""))
     variants = [v.split(":") for v in (args.variants or default).split(",")]
     n_tokens = tokens.size

@@ -30,7 +30,7 @@ def get_config():
     c.train.batch_size = 8
     # the CPU's fastest step, as in configs/smollm2_hh.py
     c.train.micro_batch_size = 1
-    c.train.remat = "dots"
+    c.train.remat = "dots_no_batch"
     c.train.steps_start = 8
     c.train.steps_increment = 8
     c.train.seq_multiple = 64
