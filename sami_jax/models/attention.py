@@ -144,26 +144,30 @@ def _probs(scores_bkgts: jax.Array, mask_bts: jax.Array, head_dim: int, dtype) -
 
 
 def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Softmax attention with grouped KV heads; logits and softmax in float32. Returns [b, t, h, d].
+    """Softmax attention with grouped KV heads; logits and softmax in float32. Returns [b, t, h, d]."""
+    return _heads_first(q_bthd, k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3), mask_bts)
 
-    The heads move in front of the positions before the products (q as [b, k, g * t, d]), so that both
-    are plain batched matmuls and only the [t, h, d]-sized tensors are transposed: left to choose, XLA's
-    CPU backend transposed the [t, s] scores and probabilities instead (a SAMI window's attention, forward
-    and backward, 12.6 -> 10.3 ms; a batch-16 prefill's forward 14.7 -> 9.0 ms)."""
+
+def _heads_first(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Attention with the heads in front of the positions before the products (q as [b, k, g * t, d]), so
+    that both are plain batched matmuls and only the [t, h, d]-sized tensors are transposed: left to choose,
+    XLA's CPU backend transposed the [t, s] scores and probabilities instead (a SAMI window's attention,
+    forward and backward, 12.6 -> 10.3 ms; a batch-16 prefill's forward 14.7 -> 9.0 ms)."""
     b, t, h, d = q_bthd.shape
-    kv_heads = k_bskd.shape[2]
+    kv_heads = k_bksd.shape[1]
     g = h // kv_heads
     q = q_bthd.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-    k, v = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)  # [b, k, s, d]
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-    probs = _probs(scores.reshape(b, kv_heads, g, t, -1), mask_bts, d, v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kv_heads, g * t, -1), v)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_bksd, preferred_element_type=jnp.float32)
+    probs = _probs(scores.reshape(b, kv_heads, g, t, -1), mask_bts, d, v_bksd.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kv_heads, g * t, -1), v_bksd)
     return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def gqa_attention_bksd(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
     """`gqa_attention` with keys and values in the KV cache's layout [b, kv_heads, s, d]. Returns [b, t, h, d]."""
     b, t, h, d = q_bthd.shape
+    if t > 1:
+        return _heads_first(q_bthd, k_bksd, v_bksd, mask_bts)
     q = q_bthd.reshape(b, t, k_bksd.shape[1], h // k_bksd.shape[1], d)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd, preferred_element_type=jnp.float32)
     probs = _probs(scores, mask_bts, d, v_bksd.dtype)
@@ -175,10 +179,8 @@ def gqa_attention_bksd(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, 
     def matmul(probs, v):
         return jnp.einsum("bkgts,bksd->btkgd", probs, v)
 
-    if t == 1:  # (a SmolLM2 decode step at batch 16, where XLA had turned the einsum into a slow V^T @ p)
-        out = jax.lax.platform_dependent(probs, v_bksd, cpu=weighted_sum, default=matmul)
-    else:
-        out = matmul(probs, v_bksd)
+    # (a SmolLM2 decode step at batch 16, where XLA had turned the einsum into a slow V^T @ p)
+    out = jax.lax.platform_dependent(probs, v_bksd, cpu=weighted_sum, default=matmul)
     return out.reshape(b, t, h, d)
 
 
