@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="SAMI (arXiv 2404.14313) in JAX: pure-function Llama/Mistral/Mixtral, sharded from day one.",
     packages=find_packages(include=["sami_jax", "sami_jax.*"]),
-    package_data={"sami_jax.data": ["*.json", "constitution_files/*.json"]},
+    package_data={"sami_jax.data": ["*.json", "constitution_files/*.json"], "sami_jax.models": ["*.cc"]},
     python_requires=">=3.11",
     # Lower bounds: what runs on Python 3.11 (jax 0.10.2) and on the GPU machine (Python 3.12, jax 0.11.2).
     install_requires=[

@@ -1,6 +1,8 @@
 """The KV-cache sampler against the full forward pass, HF `generate`, HF's logits warpers and exact
 distributions."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from transformers.generation import logits_process
 
 import sami_jax
+from sami_jax.models import cpu_kernels
 from sami_jax.models.transformer import (
     KVCache,
     OutIn,
@@ -46,17 +49,23 @@ def _left_pad(rows, width):
     return tokens, mask
 
 
-@pytest.mark.parametrize("layout", ["stacked", "per_layer", "per_layer_out_in"])
+@pytest.mark.parametrize("layout", ["stacked", "per_layer", "per_layer_out_in", "per_layer_panels"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cached_decode_equals_full_forward(saved, name, layout):
     """Prefill 8 slots (left-padded), then decode 20 tokens one at a time: each step's logits equal the
     full-sequence forward at that position (past Mistral's window of 12). Stacked params and cache (layer
-    scan), per-layer ones (layer loop), and per-layer with the projections stored [out, in]."""
+    scan), per-layer ones (layer loop), per-layer with the projections stored [out, in], and those packed
+    for the CPU panel matmul."""
+    if layout == "per_layer_panels" and not cpu_kernels.load():
+        pytest.skip("the CPU panel matmul did not build here (no C++ compiler, or see the warning)")
     _, model = saved(name)
     per_layer = layout != "stacked"
-    params = split_layers(model.params, out_in=layout == "per_layer_out_in") if per_layer else model.params
-    if layout == "per_layer_out_in":  # one device: q/k/v fused into one OutIn
-        assert set(params["layers"][0]["self_attn"]) == {"q_proj+k_proj+v_proj", "o_proj"}
+    params = split_layers(model.params, out_in=layout == "per_layer_out_in",
+                          panels=layout == "per_layer_panels") if per_layer else model.params
+    if layout in ("per_layer_out_in", "per_layer_panels"):  # one device: q/k/v fused into one OutIn
+        qkv = params["layers"][0]["self_attn"]
+        assert set(qkv) == {"q_proj+k_proj+v_proj", "o_proj"}
+        assert qkv["o_proj"].panels == (layout == "per_layer_panels")
     rows = [tiny.tokens(1, n, seed=i)[0] for i, n in enumerate([8, 5])]
     cont = tiny.tokens(2, 20, seed=9)
     prompt, pmask = _left_pad(rows, 8)
@@ -126,11 +135,17 @@ def test_matmuls_out_in_equal_numpy(rows, n_in):
         np.testing.assert_allclose(np.asarray(y2), np.tensordot(x, w2, axes=1), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("panels", [False, True], ids=["xla_gemm", "panels"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_greedy_equals_hf_generate(saved, name):
+def test_greedy_equals_hf_generate(saved, name, panels):
+    """Greedy tokens equal HF's, with the CPU sampler's weights multiplied by XLA and by the panel matmul."""
+    if panels and not cpu_kernels.load():
+        pytest.skip("the CPU panel matmul did not build here (no C++ compiler, or see the warning)")
     hf, model = saved(name)
     rows = [tiny.tokens(1, n, seed=i)[0].tolist() for i, n in enumerate([5, 11, 16, 3])]
-    results = Sampler(model, buckets=(16,)).generate(rows, SamplingParams(max_new_tokens=24), eos_ids=[])
+    sampler = Sampler(model, buckets=(16,), panels=panels)
+    results = sampler.generate(rows, SamplingParams(max_new_tokens=24), eos_ids=[])
+    assert sampler.run_params()["lm_head"].panels == panels
     for r, row in zip(results, rows, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([row]), max_new_tokens=24, do_sample=False, eos_token_id=None,
@@ -266,3 +281,8 @@ def test_bad_input(saved):
                         ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"max_new_tokens": 0}, "max_new")]:
         with pytest.raises(ValueError, match=msg):
             SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match=r"panels=True.*per_layer=True"):
+        Sampler(model, per_layer=False, panels=True)
+    bf16 = dataclasses.replace(model, params=jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.params))
+    with pytest.raises(ValueError, match=r"panels=True.*float32 on one CPU device"):
+        Sampler(bf16, per_layer=True, panels=True).run_params()

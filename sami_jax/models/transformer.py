@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sami_jax.models import attention, logprobs, moe
+from sami_jax.models import attention, cpu_kernels, logprobs, moe
 from sami_jax.models.config import ModelConfig
 from sami_jax.sharding import Sharder
 
@@ -94,10 +94,16 @@ class OutIn:
     """A projection weight stored as [*out, *in], the transpose of the params tree's [*in, *out]
     (`split_layers(out_in=True)`; the sampler's per-layer layout, see `_matmuls_out_in`). With `outs`,
     w [sum of the outputs' sizes, in] holds several projections of the same input, one after another, and
-    the product is split into outputs of these shapes."""
+    the product is split into outputs of these shapes. With `panels`, w is that [out, in] weight packed
+    for `cpu_kernels.matmul` ([ceil(out / 16), in, 16], `split_layers(panels=True)`), and `outs` is set."""
 
     w: jax.Array
     outs: tuple[tuple[int, ...], ...] | None = flax.struct.field(pytree_node=False, default=None)
+    panels: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @property
+    def dtype(self):
+        return self.w.dtype
 
 
 # Rows up to which `_matmuls_out_in` multiplies as (W x^T)^T; measured on a 2-core Zen 2 (XLA CPU).
@@ -111,7 +117,8 @@ def _matmuls_out_in(x, ws: Sequence[OutIn], n_in: int, dtype=None) -> tuple[jax.
     after a barrier (or XLA folds the transpose back into the dot): XLA's CPU GEMM runs a 16-row
     SmolLM2 product 1.6-1.9x faster that way round, e.g. [16, 576] x [576, 1536] 1.10 -> 0.64 ms and
     the [16, 576] x [576, 49152] vocab projection 29 -> 16 ms, weights read from memory as in a decode
-    step. With many rows, x @ W^T, as fast as the [*in, *out] layout."""
+    step. With many rows, x @ W^T, as fast as the [*in, *out] layout. Panels go to `cpu_kernels.matmul`
+    (float32) whatever the rows."""
     lead, x2 = _rows(x, n_in)
 
     def x_wt(x2, w2):
@@ -122,11 +129,13 @@ def _matmuls_out_in(x, ws: Sequence[OutIn], n_in: int, dtype=None) -> tuple[jax.
 
     out = []
     for w in ws:
-        w2 = w.w.reshape(-1, x2.shape[1])
-        if x2.shape[0] <= _OUT_IN_MAX_ROWS:  # (GPUs take either operand transposed in the GEMM itself)
-            y = jax.lax.platform_dependent(x2, w2, cpu=w_xt, default=x_wt)
+        if w.panels:
+            y = cpu_kernels.matmul(x2.astype(jnp.float32), w.w, sum(math.prod(o) for o in w.outs))
+            y = y.astype(dtype or x2.dtype)
+        elif x2.shape[0] <= _OUT_IN_MAX_ROWS:  # (GPUs take either operand transposed in the GEMM itself)
+            y = jax.lax.platform_dependent(x2, w.w.reshape(-1, x2.shape[1]), cpu=w_xt, default=x_wt)
         else:
-            y = x_wt(x2, w2)
+            y = x_wt(x2, w.w.reshape(-1, x2.shape[1]))
         outs = w.outs or (w.w.shape[:w.w.ndim - n_in],)
         splits = np.cumsum([math.prod(o) for o in outs])[:-1]
         out.extend(part.reshape(*lead, *o) for part, o in zip(jnp.split(y, splits, axis=-1), outs, strict=True))
@@ -324,7 +333,7 @@ _PROJECTION_INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "g
 _FUSED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
-def split_layers(params, out_in: bool = False):
+def split_layers(params, out_in: bool = False, panels: bool = False):
     """The params with "layers" as a tuple of per-layer trees, each leaf a buffer of its own (a copy, made
     on the params' devices with the same sharding less the layer axis). `forward_cached` then loops over
     the layers in Python instead of scanning the stacked arrays: a scan hands each layer's weights to the
@@ -334,7 +343,12 @@ def split_layers(params, out_in: bool = False):
     out_in: the dense projections' weights and the vocab projection as `OutIn` ([*out, *in]; the head of
     tied embeddings is the embedding table itself, not a copy), for `_matmuls_out_in`. Where they are not
     sharded, q/k/v and gate/up are each fused into one `OutIn` (keys "q_proj+k_proj+v_proj",
-    "gate_proj+up_proj"): one [960, 576] product instead of three takes 0.42 ms instead of 0.60 at 16 rows."""
+    "gate_proj+up_proj"): one [960, 576] product instead of three takes 0.42 ms instead of 0.60 at 16 rows.
+
+    panels (implies out_in; float32 params on one CPU device, with `cpu_kernels.load()` done): each `OutIn`
+    packed as panels for `cpu_kernels.matmul`; the vocab projection of tied embeddings is then a packed copy
+    of the table (113 MB for SmolLM2-135M)."""
+    out_in = out_in or panels
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
 
@@ -376,14 +390,24 @@ def split_layers(params, out_in: bool = False):
 
     shardings = (fused(layer_shardings, replicated),) * n
 
-    def split(ls):
-        return tuple(fused(jax.tree.map(lambda a, perm, i=i: wrap(a[i].transpose(perm), perm), ls, perms), concat)
-                     for i in range(n))
+    def to_panels(path, w):
+        if not (panels and isinstance(w, OutIn)):
+            return w
+        n_in = _PROJECTION_INPUT_DIMS[path[-1].key.split("+")[0]]
+        outs = w.outs or (w.w.shape[:w.w.ndim - n_in],)
+        return OutIn(cpu_kernels.pack(w.w.reshape(-1, math.prod(w.w.shape[w.w.ndim - n_in:]))), outs, panels=True)
 
-    out = {**params, "layers": jax.jit(split, out_shardings=shardings)(layers)}
+    def split(ls):
+        return tuple(jax.tree_util.tree_map_with_path(
+            to_panels, fused(jax.tree.map(lambda a, perm, i=i: wrap(a[i].transpose(perm), perm), ls, perms), concat),
+            is_leaf=lambda w: isinstance(w, OutIn)) for i in range(n))
+
+    # (Panels live on the params' one device: no shardings to give.)
+    out = {**params, "layers": jax.jit(split, out_shardings=None if panels else shardings)(layers)}
     if out_in:
-        out["lm_head"] = OutIn(params["embed_tokens"] if "lm_head" not in params else
-                               jax.jit(lambda w: w.T)(params["lm_head"]))
+        head = params["embed_tokens"] if "lm_head" not in params else jax.jit(lambda w: w.T)(params["lm_head"])
+        out["lm_head"] = OutIn(jax.jit(cpu_kernels.pack)(head), ((head.shape[0],),), panels=True) if panels \
+            else OutIn(head)
     return out
 
 

@@ -1,0 +1,119 @@
+"""A float32 CPU matmul on weights stored as panels, for the sampler's decode steps on a CPU.
+
+XLA's CPU GEMM repacks each weight panel before it uses it, so the products of a decode step (16 rows
+against a [576, 3072] weight) stream the weights at about a third of the machine's memory rate.
+`cpu_matmul.cc` keeps the weights packed once, as panels [ceil(N / 16), K, 16], and reads them straight
+from memory (see there); `split_layers(panels=True)` stores the sampler's weights that way.
+
+The kernel is an XLA FFI handler compiled on first use with the machine's C++ compiler ($CXX, else g++ or
+c++; `-O3 -march=native`) against the installed jaxlib's FFI headers, and cached under
+$SAMI_JAX_CACHE (default ~/.cache/sami_jax) by a hash of the source, the jaxlib version and the CPU.
+SAMI_JAX_CPU_KERNELS selects: "auto" (the default) uses it on x86 CPUs with AVX-512, where it is
+measured faster than XLA's GEMM at every row count; "1" wherever it builds; "0" never. Without a
+compiler, or if the build fails, a warning names the cause and the sampler keeps XLA's GEMM.
+Forward only (no autodiff rule): the sampler's path, not training's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+TARGET = "sami_panel_matmul"
+WIDTH = 16  # output columns per panel
+_SOURCE = Path(__file__).with_name("cpu_matmul.cc")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SAMI_JAX_CACHE") or Path.home() / ".cache" / "sami_jax") / "kernels"
+
+
+def _build(cxx: str) -> Path:
+    """The compiled library, built into the cache unless a build of the same source, jaxlib and CPU is there."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), cxx.encode(), platform.machine().encode(),
+                                     " ".join(sorted(_cpu_flags())).encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_matmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: safe for parallel builds
+        part = Path(tmp) / out.name
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
+               str(_SOURCE), "-o", str(part)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr.strip()[-2000:]}")
+        os.replace(part, out)
+    return out
+
+
+@functools.cache
+def load() -> bool:
+    """Builds (or finds) the kernel and registers it with XLA; False, with a warning, where it cannot."""
+    cxx = _compiler()
+    if cxx is None:
+        warnings.warn("sami_jax: no C++ compiler ($CXX, g++ or c++) to build the CPU panel matmul; "
+                      "the sampler uses XLA's GEMM (SAMI_JAX_CPU_KERNELS=0 silences this)", stacklevel=2)
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.sami_panel_matmul), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as e:
+        warnings.warn(f"sami_jax: the CPU panel matmul did not build or load, the sampler uses XLA's GEMM: {e}",
+                      stacklevel=2)
+        return False
+    return True
+
+
+def enabled() -> bool:
+    """Whether the sampler should use the kernel on this machine (SAMI_JAX_CPU_KERNELS, see the module doc)."""
+    mode = os.environ.get("SAMI_JAX_CPU_KERNELS", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"SAMI_JAX_CPU_KERNELS={mode!r}: want auto, 0 or 1")
+    if mode == "0" or (mode == "auto" and "avx512f" not in _cpu_flags()):
+        return False
+    return load()
+
+
+def pack(w_nk: jax.Array) -> jax.Array:
+    """A weight [N, K] ([out, in]) as panels [ceil(N / 16), K, 16], zero beyond N."""
+    n, k = w_nk.shape
+    p = -(-n // WIDTH)
+    w = jnp.pad(w_nk, ((0, p * WIDTH - n), (0, 0)))
+    return w.reshape(p, WIDTH, k).transpose(0, 2, 1)
+
+
+def matmul(x_rk: jax.Array, panels: jax.Array, n: int) -> jax.Array:
+    """x [R, K] float32 times W^T, for the [n, K] weight W that `pack` made `panels`: [R, n] float32.
+    Needs `load()` to have succeeded; CPU only."""
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_rk.shape[0], n), jnp.float32))(x_rk, panels)

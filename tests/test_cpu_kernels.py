@@ -1,0 +1,61 @@
+"""The CPU panel matmul (`models/cpu_kernels`, `cpu_matmul.cc`) against numpy in float64, its switch and
+its fallback when it cannot build."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sami_jax.models import cpu_kernels
+
+needs_kernel = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                  reason="no C++ compiler (g++ or c++) to build the CPU panel matmul")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,k,n", [(1, 576, 3072), (3, 37, 50), (12, 64, 1000), (13, 64, 17), (16, 576, 3072),
+                                      (17, 40, 33), (40, 128, 300), (300, 96, 96), (0, 8, 8)])
+def test_panel_matmul_equals_numpy(rows, k, n):
+    """Row counts on either side of each tile size (1, 2, 4, 12, 16) and output widths that leave part of a
+    panel, or an odd panel, over; zero rows."""
+    assert cpu_kernels.load()
+    rng = np.random.default_rng(rows * 7 + n)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)  # [out, in]
+    panels = jax.jit(cpu_kernels.pack)(jnp.asarray(w))
+    assert panels.shape == (-(-n // 16), k, 16)
+    y = jax.jit(cpu_kernels.matmul, static_argnums=2)(jnp.asarray(x), panels, n)
+    assert y.shape == (rows, n)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * k ** 0.5 * 16)
+
+
+@needs_kernel
+def test_panel_matmul_rejects_mismatched_shapes():
+    assert cpu_kernels.load()
+    x, panels = jnp.ones((2, 8)), jnp.ones((1, 9, 16))  # K 8 against panels of K 9
+    with pytest.raises(Exception, match="sami_panel_matmul: want x"):
+        jax.block_until_ready(cpu_kernels.matmul(x, panels, 16))
+
+
+def test_switch(monkeypatch):
+    monkeypatch.setenv("SAMI_JAX_CPU_KERNELS", "0")
+    assert cpu_kernels.enabled() is False
+    monkeypatch.setenv("SAMI_JAX_CPU_KERNELS", "yes")
+    with pytest.raises(ValueError, match="SAMI_JAX_CPU_KERNELS='yes': want auto, 0 or 1"):
+        cpu_kernels.enabled()
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    """A compiler that fails: `load` warns with the command and returns False, and builds nothing."""
+    monkeypatch.setenv("SAMI_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    cpu_kernels.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"did not build or load.*false -O3"):
+            assert cpu_kernels.load() is False
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        cpu_kernels.load.cache_clear()  # the next test builds (or finds) the real one again
