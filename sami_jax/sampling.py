@@ -210,7 +210,7 @@ class Sampler:
         if self.panels and not fits:
             raise ValueError("Sampler(panels=True) needs per-layer out_in weights, float32 on one CPU device")
         if self.panels and not cpu_kernels.load():
-            raise RuntimeError("Sampler(panels=True): the CPU panel matmul did not build (see the warning)")
+            raise RuntimeError("Sampler(panels=True): the CPU kernels did not build (see the warning)")
         return self.panels
 
     # ------------------------------------------------------------------------------------------ compile

@@ -1,5 +1,5 @@
-"""The CPU panel matmul (`models/cpu_kernels`, `cpu_matmul.cc`) against numpy in float64, its switch and
-its fallback when it cannot build."""
+"""The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`), the panel matmul and the decode attention, against
+numpy in float64; their switch and their fallback when they cannot build."""
 
 import shutil
 
@@ -59,3 +59,41 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
         assert not list(tmp_path.rglob("*.so"))
     finally:
         cpu_kernels.load.cache_clear()  # the next test builds (or finds) the real one again
+
+
+def _attention_numpy(q, k, v, mask):
+    """Plain float64 softmax attention, one query per row: q [b, h, d], k and v [b, kv, s, d], mask [b, s]; a row
+    with no unmasked slot averages all its values (what a softmax over equal scores gives)."""
+    b, h, d = q.shape
+    kv = k.shape[1]
+    out = np.zeros((b, h, d))
+    for i in range(b):
+        for j in range(h):
+            kk, vv = k[i, j // (h // kv)].astype(np.float64), v[i, j // (h // kv)].astype(np.float64)
+            s = kk @ q[i, j].astype(np.float64) / np.sqrt(d)
+            s = np.where(mask[i], s, -np.inf) if mask[i].any() else np.zeros_like(s)
+            p = np.exp(s - s.max())
+            out[i, j] = p @ vv / p.sum()
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,kv,d,s", [(16, 9, 3, 64, 192), (3, 4, 4, 16, 37), (2, 8, 2, 20, 5), (1, 2, 1, 128, 300)])
+def test_decode_attention_equals_numpy(b, h, kv, d, s):
+    """Head dims that are and are not a multiple of 16; masks with a prefix of padding, a sliding window's gap
+    in the middle, a single slot, and none at all (a padding row)."""
+    assert cpu_kernels.load()
+    rng = np.random.default_rng(b * 100 + s)
+    q = rng.standard_normal((b, h, d), dtype=np.float32) * 2
+    k, v = (rng.standard_normal((b, kv, s, d), dtype=np.float32) for _ in range(2))
+    mask = rng.random((b, s)) < 0.8
+    mask[0, : s // 3] = False
+    if b > 1:
+        mask[1] = False
+        mask[1, s // 2] = True
+    if b > 2:
+        mask[2] = False
+    out = jax.jit(cpu_kernels.decode_attention)(jnp.asarray(q[:, None]), jnp.asarray(k), jnp.asarray(v),
+                                                jnp.asarray(mask[:, None]))
+    assert out.shape == (b, 1, h, d)
+    np.testing.assert_allclose(np.asarray(out[:, 0]), _attention_numpy(q, k, v, mask), rtol=0, atol=1e-5)

@@ -57,7 +57,7 @@ def test_cached_decode_equals_full_forward(saved, name, layout):
     scan), per-layer ones (layer loop), per-layer with the projections stored [out, in], and those packed
     for the CPU panel matmul."""
     if layout == "per_layer_panels" and not cpu_kernels.load():
-        pytest.skip("the CPU panel matmul did not build here (no C++ compiler, or see the warning)")
+        pytest.skip("the CPU kernels did not build here (no C++ compiler, or see the warning)")
     _, model = saved(name)
     per_layer = layout != "stacked"
     params = split_layers(model.params, out_in=layout == "per_layer_out_in",
@@ -140,7 +140,7 @@ def test_matmuls_out_in_equal_numpy(rows, n_in):
 def test_greedy_equals_hf_generate(saved, name, panels):
     """Greedy tokens equal HF's, with the CPU sampler's weights multiplied by XLA and by the panel matmul."""
     if panels and not cpu_kernels.load():
-        pytest.skip("the CPU panel matmul did not build here (no C++ compiler, or see the warning)")
+        pytest.skip("the CPU kernels did not build here (no C++ compiler, or see the warning)")
     hf, model = saved(name)
     rows = [tiny.tokens(1, n, seed=i)[0].tolist() for i, n in enumerate([5, 11, 16, 3])]
     sampler = Sampler(model, buckets=(16,), panels=panels)

@@ -1,16 +1,20 @@
-"""A float32 CPU matmul on weights stored as panels, for the sampler's decode steps on a CPU.
+"""The sampler's float32 CPU kernels (`cpu_kernels.cc`): a matmul on weights stored as panels, and a decode
+step's attention over the KV cache.
 
 XLA's CPU GEMM repacks each weight panel before it uses it, so the products of a decode step (16 rows
-against a [576, 3072] weight) stream the weights at about a third of the machine's memory rate.
-`cpu_matmul.cc` keeps the weights packed once, as panels [ceil(N / 16), K, 16], and reads them straight
-from memory (see there); `split_layers(panels=True)` stores the sampler's weights that way.
+against a [576, 3072] weight) stream the weights at about a third of the machine's memory rate. The
+panel matmul keeps the weights packed once, as panels [ceil(N / 16), K, 16], and reads them straight
+from memory; `split_layers(panels=True)` stores the sampler's weights that way. A decode step's attention
+(one query per row over a cache of a few hundred slots) is a handful of tiny XLA fusions per layer; the
+kernel runs it as one loop per (row, KV head) that reads only the unmasked slots. `forward_cached` uses it
+where the weights are panels.
 
-The kernel is an XLA FFI handler compiled on first use with the machine's C++ compiler ($CXX, else g++ or
+The kernels are XLA FFI handlers compiled on first use with the machine's C++ compiler ($CXX, else g++ or
 c++; `-O3 -march=native`) against the installed jaxlib's FFI headers, and cached under
 $SAMI_JAX_CACHE (default ~/.cache/sami_jax) by a hash of the source, the jaxlib version and the CPU.
-SAMI_JAX_CPU_KERNELS selects: "auto" (the default) uses it on x86 CPUs with AVX-512, where it is
-measured faster than XLA's GEMM at every row count; "1" wherever it builds; "0" never. Without a
-compiler, or if the build fails, a warning names the cause and the sampler keeps XLA's GEMM.
+SAMI_JAX_CPU_KERNELS selects: "auto" (the default) uses them on x86 CPUs with AVX-512, where the matmul
+is measured faster than XLA's GEMM at every row count; "1" wherever it builds; "0" never. Without a
+compiler, or if the build fails, a warning names the cause and the sampler keeps XLA's ops.
 Forward only (no autodiff rule): the sampler's path, not training's.
 """
 
@@ -32,8 +36,9 @@ import jax.numpy as jnp
 import jaxlib
 
 TARGET = "sami_panel_matmul"
+ATTENTION_TARGET = "sami_decode_attention"
 WIDTH = 16  # output columns per panel
-_SOURCE = Path(__file__).with_name("cpu_matmul.cc")
+_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 
 
 def _cpu_flags() -> set[str]:
@@ -62,7 +67,7 @@ def _build(cxx: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), cxx.encode(), platform.machine().encode(),
                                      " ".join(sorted(_cpu_flags())).encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_matmul-{key}.so"
+    out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,14 +87,15 @@ def load() -> bool:
     """Builds (or finds) the kernel and registers it with XLA; False, with a warning, where it cannot."""
     cxx = _compiler()
     if cxx is None:
-        warnings.warn("sami_jax: no C++ compiler ($CXX, g++ or c++) to build the CPU panel matmul; "
-                      "the sampler uses XLA's GEMM (SAMI_JAX_CPU_KERNELS=0 silences this)", stacklevel=2)
+        warnings.warn("sami_jax: no C++ compiler ($CXX, g++ or c++) to build the CPU kernels; "
+                      "the sampler uses XLA's ops (SAMI_JAX_CPU_KERNELS=0 silences this)", stacklevel=2)
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.sami_panel_matmul), platform="cpu")
+        for target in (TARGET, ATTENTION_TARGET):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
-        warnings.warn(f"sami_jax: the CPU panel matmul did not build or load, the sampler uses XLA's GEMM: {e}",
+        warnings.warn(f"sami_jax: the CPU kernels did not build or load, the sampler uses XLA's ops: {e}",
                       stacklevel=2)
         return False
     return True
@@ -117,3 +123,16 @@ def matmul(x_rk: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     """x [R, K] float32 times W^T, for the [n, K] weight W that `pack` made `panels`: [R, n] float32.
     Needs `load()` to have succeeded; CPU only."""
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_rk.shape[0], n), jnp.float32))(x_rk, panels)
+
+
+def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """`attention.gqa_attention_bksd` for one query token per row (t = 1), all float32: q [b, 1, h, d], keys and
+    values [b, kv_heads, s, d] (the cache layout), mask [b, 1, s] (True: attend). Returns [b, 1, h, d] float32.
+    Needs `load()` to have succeeded; CPU only."""
+    b, t, h, d = q_bthd.shape
+    kv_heads = k_bksd.shape[1]
+    if t != 1:
+        raise ValueError(f"decode_attention takes one query token per row, got q of shape {q_bthd.shape}")
+    out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, kv_heads, h // kv_heads, d), jnp.float32))(
+        q_bthd.reshape(b, kv_heads, h // kv_heads, d), k_bksd, v_bksd, mask_bts[:, 0].astype(bool))
+    return out.reshape(b, 1, h, d)

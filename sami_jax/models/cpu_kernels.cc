@@ -1,0 +1,294 @@
+// The sampler's float32 CPU kernels, XLA FFI handlers built and registered by cpu_kernels.py. Each
+// shares its work out over XLA's intra-op thread pool in chunks; the calling thread works too.
+//
+// sami_panel_matmul: y [R, N] = x [R, K] @ W, W packed as panels [P, K, 16]: panel p holds output
+// columns 16p .. 16p+15 (zero beyond N), each column's K weights 16 floats apart.
+// Why: XLA's CPU GEMM packs each weight panel before using it, so a decode step's products of a few
+// rows ([16, 576] x [576, 3072]) stream the weights at a third of the memory's rate. Here the weights
+// are stored packed once, and each tile of ROWS rows x PANELS panels reads them straight from memory
+// (prefetched ahead) into ROWS x PANELS accumulators of 16 floats.
+//
+// sami_decode_attention: one query token per row attending over a layer's KV cache, see DecodeAttention.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));  // 1 AVX-512 register, 2 AVX or 4 SSE/NEON ones
+
+#ifdef __AVX512F__
+constexpr int64_t kRows = 12, kPanels = 2;  // 24 accumulators of the 32 zmm registers
+constexpr int64_t kOnePass = 16;            // up to 16 rows in one pass over the weights, as 16 x 1 panel
+#else
+constexpr int64_t kRows = 4, kPanels = 1;  // 8 of the 16 ymm registers
+constexpr int64_t kOnePass = kRows;
+#endif
+constexpr int64_t kWidth = 16;     // columns per panel
+constexpr int64_t kPrefetch = 128;  // panel rows (of 64 bytes) to prefetch ahead
+
+inline f32x16 load(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Runs f(0), ..., f(n - 1) on XLA's intra-op pool and the calling thread, and returns when all are done.
+// The state is held by a shared_ptr so that a helper the pool starts late finds it alive (and nothing left).
+template <class F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, F f) {
+  struct State {
+    F f;
+    int64_t n;
+    std::atomic<int64_t> next{0}, done{0};
+    State(F f, int64_t n) : f(std::move(f)), n(n) {}
+    void run() {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        f(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto state = std::make_shared<State>(std::move(f), n);
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->run(); });
+  state->run();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// y[:rows, col : col + 16 * NP] from the row block xt [K, stride] (rows transposed, zero-padded;
+// stride >= ROWS) and NP consecutive panels starting at w.
+template <int64_t ROWS, int64_t NP>
+void tile(const float* xt, int64_t stride, int64_t K, const float* w, float* y, int64_t N, int64_t col,
+          int64_t rows) {
+  f32x16 acc[ROWS][NP] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    f32x16 wk[NP];
+    for (int64_t j = 0; j < NP; ++j) {
+      const float* panel = w + j * K * kWidth;
+      __builtin_prefetch(panel + (k + kPrefetch) * kWidth, 0, 1);  // past the end is harmless
+      wk[j] = load(panel + k * kWidth);
+    }
+    for (int64_t r = 0; r < ROWS; ++r) {
+      const float b = xt[k * stride + r];
+      for (int64_t j = 0; j < NP; ++j) acc[r][j] += b * wk[j];
+    }
+  }
+  for (int64_t j = 0; j < NP; ++j) {
+    const int64_t n = std::min<int64_t>(kWidth, N - col - kWidth * j);
+    if (n <= 0) break;
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * N + col + kWidth * j, &acc[r][j], n * sizeof(float));
+  }
+}
+
+// The rows of the smallest tile that covers `rows`.
+constexpr int64_t tile_height(int64_t rows) {
+  return rows == 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : rows <= kRows ? kRows : kOnePass;
+}
+
+// The smallest tile that covers `rows` (a decode step at batch 1 does not pay for 12 rows). Rows past
+// kRows (a one-pass block, one panel at a time) take the 16-row tile.
+template <int64_t NP>
+void tile_rows(const float* xt, int64_t stride, int64_t K, const float* w, float* y, int64_t N, int64_t col,
+               int64_t rows) {
+  if (rows == 1) return tile<1, NP>(xt, stride, K, w, y, N, col, rows);
+  if (rows <= 2) return tile<2, NP>(xt, stride, K, w, y, N, col, rows);
+  if (rows <= 4) return tile<4, NP>(xt, stride, K, w, y, N, col, rows);
+  if constexpr (NP == 1 && kOnePass > kRows) {
+    if (rows > kRows) return tile<kOnePass, 1>(xt, stride, K, w, y, N, col, rows);
+  }
+  return tile<kRows, NP>(xt, stride, K, w, y, N, col, rows);
+}
+
+constexpr int64_t kSlabBlocks = 8;          // row blocks per slab of a product with many rows
+constexpr int64_t kGroupBytes = 256 << 10;  // weights per chunk: a few panels, kept in L2 over a slab
+
+// One product, shared by the threads that take chunks (a slab of rows x a group of panels) from it. Each
+// slab of x is transposed into row blocks by the first thread that needs it.
+struct Job {
+  const float* x = nullptr;
+  const float* w = nullptr;
+  float* y = nullptr;
+  int64_t R = 0, K = 0, N = 0, P = 0, block = 0, slab = 0, slabs = 0, group = 0, chunks = 0;
+  std::vector<float> xt;                         // x as row blocks [blocks, K, block], zero-padded
+  std::unique_ptr<std::atomic<int>[]> state;     // per slab: 0 to do, 1 being transposed, 2 ready
+
+  const float* slab_xt(int64_t s) {
+    float* out = xt.data() + s * slab * K;
+    int expected = 0;
+    if (state[s].compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
+      for (int64_t r = s * slab; r < std::min(R, (s + 1) * slab); ++r)
+        for (int64_t k = 0; k < K; ++k) xt[(r / block) * K * block + k * block + r % block] = x[r * K + k];
+      state[s].store(2, std::memory_order_release);
+    } else {
+      while (state[s].load(std::memory_order_acquire) != 2) std::this_thread::yield();
+    }
+    return out;
+  }
+
+  // Chunk c: panel group c / slabs, slab c % slabs (consecutive chunks share a group's weights).
+  void chunk(int64_t c) {
+    const int64_t p0 = c / slabs * group, p1 = std::min(P, p0 + group), s = c % slabs;
+    const float* xs = slab_xt(s);
+    for (int64_t r0 = s * slab; r0 < std::min(R, (s + 1) * slab); r0 += block) {
+      const int64_t rows = std::min(block, R - r0);
+      const float* xb = xs + (r0 - s * slab) * K;
+      int64_t p = p0;
+      for (; rows <= kRows && p + kPanels <= p1; p += kPanels)
+        tile_rows<kPanels>(xb, block, K, w + p * K * kWidth, y + r0 * N, N, p * kWidth, rows);
+      for (; p < p1; ++p) tile_rows<1>(xb, block, K, w + p * K * kWidth, y + r0 * N, N, p * kWidth, rows);
+    }
+  }
+};
+
+ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kWidth || wd[1] != xd[1] ||
+      yd[0] != xd[0] || yd[1] > wd[0] * kWidth) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "sami_panel_matmul: want x [R, K], w [P, K, 16] and y [R, N] with N <= 16 P");
+  }
+  const int64_t R = xd[0], K = xd[1], N = yd[1];
+  if (R == 0 || N == 0) return ffi::Error::Success();
+  auto job = std::make_unique<Job>();
+  job->x = x.typed_data();
+  job->w = w.typed_data();
+  job->y = y->typed_data();
+  job->R = R;
+  job->K = K;
+  job->N = N;
+  const int64_t P = job->P = (N + kWidth - 1) / kWidth;  // the panels that hold outputs
+  // A decode step's few rows are one block and one slab, so that the weights stream from memory once; a
+  // block holds as many rows as its tile reads.
+  const int64_t block = job->block = R <= kOnePass ? tile_height(R) : kRows;
+  const int64_t slab = job->slab = R <= kOnePass ? block : kSlabBlocks * kRows;
+  job->slabs = (R + slab - 1) / slab;
+  job->xt.assign(job->slabs * slab * K, 0.0f);
+  job->state.reset(new std::atomic<int>[job->slabs]);
+  for (int64_t i = 0; i < job->slabs; ++i) job->state[i].store(0, std::memory_order_relaxed);
+  job->group = std::max<int64_t>(kPanels, kGroupBytes / (K * kWidth * sizeof(float)) / kPanels * kPanels);
+  job->chunks = (P + job->group - 1) / job->group * job->slabs;
+  parallel_for(pool, job->chunks, [j = job.get()](int64_t c) { j->chunk(c); });
+  return ffi::Error::Success();
+}
+
+// The sum of v's lanes, as a tree (a chain of 16 scalar adds made the decode attention's scores 4x slower).
+inline float hsum(f32x16 v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// sum of a[i] * b[i] over n floats
+inline float dot(const float* a, const float* b, int64_t n) {
+  f32x16 acc = {};
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) acc += load(a + i) * load(b + i);
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out [B, H, G, D] = softmax over s of (q [B, H, G, D] . k [B, H, S, D]) / sqrt(D), masked by mask [B, S],
+// times v [B, H, S, D]: a decode step's attention, one query token per row, H KV heads of G query heads
+// each. The same function as attention.py's masked softmax in float32: a masked slot's score is the float32
+// minimum, so it adds exactly 0 beside any unmasked one and is skipped here (neither its key nor its value
+// read: a cache's slots past the step are most of it early on); a row with no unmasked slot (padding) gets
+// the uniform mean of all its values, as that softmax gives. Work units: the B x H (row, KV head) pairs,
+// each reading its keys and values once into L1 and using them for its G query heads.
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  const auto od = out->dimensions();
+  const bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && md.size() == 2 && od.size() == 4 &&
+                  kd[0] == qd[0] && kd[1] == qd[1] && kd[3] == qd[3] && std::equal(kd.begin(), kd.end(), vd.begin()) &&
+                  md[0] == qd[0] && md[1] == kd[2] && std::equal(qd.begin(), qd.end(), od.begin());
+  if (!ok) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "sami_decode_attention: want q [B, H, G, D], k and v [B, H, S, D], mask [B, S], out like q");
+  }
+  const int64_t B = qd[0], H = qd[1], G = qd[2], D = qd[3], S = kd[2];
+  if (B * H * G * D == 0) return ffi::Error::Success();
+  const float* qs = q.typed_data();
+  const float* ks = k.typed_data();
+  const float* vs = v.typed_data();
+  const bool* ms = mask.typed_data();
+  float* os = out->typed_data();
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  parallel_for(pool, B * H, [=](int64_t unit) {
+    const float* qu = qs + unit * G * D;
+    const float* kb = ks + unit * S * D;
+    const float* vb = vs + unit * S * D;
+    const bool* mb = ms + unit / H * S;
+    float* ob = os + unit * G * D;
+    thread_local std::vector<int64_t> slots;
+    thread_local std::vector<float> p;  // [G, n] scores, then probabilities
+    slots.clear();
+    for (int64_t s = 0; s < S; ++s)
+      if (mb[s]) slots.push_back(s);
+    const bool none = slots.empty();
+    if (none)
+      for (int64_t s = 0; s < S; ++s) slots.push_back(s);
+    const int64_t n = static_cast<int64_t>(slots.size());
+    p.resize(G * n);
+    if (none) {
+      std::fill(p.begin(), p.end(), 1.0f / static_cast<float>(S));
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t g = 0; g < G; ++g) p[g * n + i] = dot(qu + g * D, kb + slots[i] * D, D) * scale;
+      for (int64_t g = 0; g < G; ++g) {
+        float* pg = p.data() + g * n;
+        const float top = *std::max_element(pg, pg + n);
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; ++i) sum += (pg[i] = std::exp(pg[i] - top));
+        for (int64_t i = 0; i < n; ++i) pg[i] /= sum;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float* pg = p.data() + g * n;
+      int64_t c = 0;
+      for (; c + kWidth <= D; c += kWidth) {  // 16 output columns in one register over all slots
+        f32x16 acc = {};
+        for (int64_t i = 0; i < n; ++i) acc += pg[i] * load(vb + slots[i] * D + c);
+        std::memcpy(ob + g * D + c, &acc, sizeof acc);
+      }
+      for (; c < D; ++c) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < n; ++i) acc += pg[i] * vb[slots[i] * D + c];
+        ob[g * D + c] = acc;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_panel_matmul, PanelMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_decode_attention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
