@@ -97,3 +97,29 @@ def test_decode_attention_equals_numpy(b, h, kv, d, s):
                                                 jnp.asarray(mask[:, None]))
     assert out.shape == (b, 1, h, d)
     np.testing.assert_allclose(np.asarray(out[:, 0]), _attention_numpy(q, k, v, mask), rtol=0, atol=1e-5)
+
+
+def _top_p_threshold_numpy(p, top_p):
+    """The smallest probability whose larger ones sum (in float64, in sorted order) below top_p, with its own
+    it reaches top_p; 0 if the whole row stays below."""
+    out = []
+    for row in p:
+        srt = np.sort(row.astype(np.float64))[::-1]
+        reached = np.nonzero(np.cumsum(srt) >= top_p)[0]
+        out.append(np.float32(srt[reached[0]]) if len(reached) else np.float32(0))
+    return np.asarray(out, np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("v", [8, 300, 49152])
+@pytest.mark.parametrize("top_p", [1e-3, 0.5, 0.9, 0.999])
+def test_top_p_threshold_equals_numpy(v, top_p):
+    """Peaked, flat and uniform rows, a one-hot row and a row of exact ties."""
+    assert cpu_kernels.load()
+    rng = np.random.default_rng(v)
+    logits = np.concatenate([rng.normal(0, s, (3, v)) for s in (0.05, 2.0, 8.0)] + [np.zeros((1, v))])
+    p = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    p = np.concatenate([p, np.eye(1, v, 3, dtype=np.float32), np.full((1, v), 1.0 / v, np.float32)])
+    bits = jax.jit(cpu_kernels.top_p_threshold, static_argnums=1)(jnp.asarray(p), top_p)
+    assert bits.shape == (len(p), 1) and bits.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(bits)[:, 0].view(np.float32), _top_p_threshold_numpy(p, top_p))

@@ -154,6 +154,29 @@ def test_greedy_equals_hf_generate(saved, name, panels):
         assert (r.length, r.finish_reason) == (24, "length")
 
 
+@pytest.mark.parametrize("panels", [False, True], ids=["xla", "cpu_kernels"])
+def test_top_p_tokens_lie_in_hf_nucleus(saved, panels):
+    """Every token the sampler draws at top-p 0.3 is in HF's TopPLogitsWarper set for the model's own logits
+    at that position (transformers' full forward over the prompt and the tokens before it), with the
+    threshold found by XLA's bisection and by the CPU kernel. The tiny model's flat distributions put about
+    a third of the vocabulary in each nucleus, so a sampler that ignored top-p would leave it within a few
+    tokens."""
+    _kernel_or_skip(panels)
+    hf, model = saved("llama_kv2")
+    rows = [tiny.tokens(1, n, seed=i)[0].tolist() for i, n in enumerate([5, 11, 16, 3])]
+    sampler = Sampler(model, buckets=(16,), panels=panels)
+    results = sampler.generate(rows, SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.3, seed=1),
+                               eos_ids=[])
+    assert sampler.run_params()["lm_head"].panels == panels
+    warper = logits_process.TopPLogitsWarper(0.3)
+    for r, row in zip(results, rows, strict=True):
+        with torch.no_grad():
+            logits = hf(torch.tensor([row + r.token_ids])).logits[0, len(row) - 1:-1]
+        kept = torch.isfinite(warper(None, logits)).numpy()
+        assert kept.sum(1).max() < 0.5 * kept.shape[1]
+        assert kept[np.arange(len(r.token_ids)), r.token_ids].all()
+
+
 def test_eos_stops_only_its_row(saved):
     _, model = saved("llama_kv2")
     rows = [tiny.tokens(1, 6, seed=i)[0].tolist() for i in range(3)]
@@ -200,25 +223,35 @@ def _exact(logits, temperature, top_k, top_p):
     return p
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 4, 1.0),
-                                                              (0.9, 0, 0.8), (1.0, 5, 0.7)])
-def test_draws_match_the_exact_distribution(temperature, top_k, top_p):
+def _kernel_or_skip(cpu_kernel):
+    if cpu_kernel and not cpu_kernels.load():
+        pytest.skip("the CPU kernels did not build here (no C++ compiler, or see the warning)")
+
+
+# (cpu_kernel: the top-p threshold from `cpu_kernels.top_p_threshold` instead of the bisection)
+@pytest.mark.parametrize(("temperature", "top_k", "top_p", "cpu_kernel"),
+                         [(1.0, 0, 1.0, False), (0.7, 0, 1.0, False), (1.3, 4, 1.0, False), (0.9, 0, 0.8, False),
+                          (1.0, 5, 0.7, False), (0.9, 0, 0.8, True), (1.0, 5, 0.7, True)])
+def test_draws_match_the_exact_distribution(temperature, top_k, top_p, cpu_kernel):
+    _kernel_or_skip(cpu_kernel)
     logits = np.asarray([1.2, 0.3, -0.5, 2.0, 0.0, -1.5, 0.9, 1.6], np.float32)
     n = 20_000
     sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    draws = np.asarray(jax.jit(lambda k: pick_tokens(k, jnp.broadcast_to(jnp.asarray(logits), (n, 8)), sp))(
-        jax.random.key(0)))
+    draws = np.asarray(jax.jit(lambda k: pick_tokens(k, jnp.broadcast_to(jnp.asarray(logits), (n, 8)), sp,
+                                                     cpu_kernel))(jax.random.key(0)))
     freq = np.bincount(draws, minlength=8) / n
     expected = _exact(logits, temperature, top_k, top_p)
     assert np.abs(freq - expected).max() <= 0.01
     assert (freq[expected == 0] == 0).all()
 
 
+@pytest.mark.parametrize("cpu_kernel", [False, True])
 @pytest.mark.parametrize("top_p", [0.3, 0.75, 0.9, 0.99])
 @pytest.mark.parametrize("top_k", [0, 1, 7, 50])
-def test_kept_set_equals_hf_warpers(top_k, top_p):
+def test_kept_set_equals_hf_warpers(top_k, top_p, cpu_kernel):
+    _kernel_or_skip(cpu_kernel)
     logits = np.random.default_rng(top_k).normal(0, 2, (16, 200)).astype(np.float32)
-    ours = np.isfinite(np.asarray(process_logits(jnp.asarray(logits), 1.0, top_k, top_p)))
+    ours = np.isfinite(np.asarray(process_logits(jnp.asarray(logits), 1.0, top_k, top_p, cpu_kernel)))
     scores = torch.tensor(logits)
     if top_k:
         scores = logits_process.TopKLogitsWarper(top_k)(None, scores)
@@ -226,23 +259,25 @@ def test_kept_set_equals_hf_warpers(top_k, top_p):
     np.testing.assert_array_equal(ours, np.isfinite(scores.numpy()))
 
 
-def test_top_p_on_flat_rows_and_ties():
+@pytest.mark.parametrize("cpu_kernel", [False, True])
+def test_top_p_on_flat_rows_and_ties(cpu_kernel):
     """Rows whose nucleus spans most of the vocabulary, or a few tokens, equal HF's set. On exact ties at the
     threshold we keep every tied token, where HF keeps those its sort happens to place last: ours is HF's
     set plus ties."""
     from sami_jax.sampling import _top_p_keep
 
+    _kernel_or_skip(cpu_kernel)
     rng = np.random.default_rng(3)
     for scale, top_p in [(0.05, 0.5), (0.05, 0.9), (0.05, 0.999), (2.0, 0.3), (2.0, 0.9), (8.0, 0.99)]:
         flat = rng.normal(0, scale, (8, 300)).astype(np.float32)
         hf = logits_process.TopPLogitsWarper(top_p)(None, torch.tensor(flat)).numpy()
-        np.testing.assert_array_equal(np.asarray(_top_p_keep(jnp.asarray(flat), top_p)), np.isfinite(hf))
+        np.testing.assert_array_equal(np.asarray(_top_p_keep(jnp.asarray(flat), top_p, cpu_kernel)), np.isfinite(hf))
     ties = np.asarray([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0]], np.float32)
     probs = np.exp(ties[0]) / np.exp(ties[0]).sum()  # 0.44, 0.16 x 3, ...: 0.5 needs one of the 2.0s
     assert probs[0] < 0.5 < probs[0] + probs[1]
     hf = np.isfinite(logits_process.TopPLogitsWarper(0.5)(None, torch.tensor(ties)).numpy())[0]
     assert hf.sum() == 2 and hf[0]
-    np.testing.assert_array_equal(np.asarray(_top_p_keep(jnp.asarray(ties), 0.5))[0], [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(_top_p_keep(jnp.asarray(ties), 0.5, cpu_kernel))[0], [1, 1, 1, 1, 0, 0])
 
 
 # ------------------------------------------------------------------------------------ sharding, errors

@@ -1,5 +1,5 @@
-"""The sampler's float32 CPU kernels (`cpu_kernels.cc`): a matmul on weights stored as panels, and a decode
-step's attention over the KV cache.
+"""The sampler's float32 CPU kernels (`cpu_kernels.cc`): a matmul on weights stored as panels, a decode
+step's attention over the KV cache, and top-p's threshold search.
 
 XLA's CPU GEMM repacks each weight panel before it uses it, so the products of a decode step (16 rows
 against a [576, 3072] weight) stream the weights at about a third of the machine's memory rate. The
@@ -7,7 +7,8 @@ panel matmul keeps the weights packed once, as panels [ceil(N / 16), K, 16], and
 from memory; `split_layers(panels=True)` stores the sampler's weights that way. A decode step's attention
 (one query per row over a cache of a few hundred slots) is a handful of tiny XLA fusions per layer; the
 kernel runs it as one loop per (row, KV head) that reads only the unmasked slots. `forward_cached` uses it
-where the weights are panels.
+where the weights are panels, and the sampler's top-p then finds its threshold with `top_p_threshold` (a
+mass histogram over the float bits and one bucket sorted, where XLA makes 31 passes over the vocabulary).
 
 The kernels are XLA FFI handlers compiled on first use with the machine's C++ compiler ($CXX, else g++ or
 c++; `-O3 -march=native`) against the installed jaxlib's FFI headers, and cached under
@@ -34,9 +35,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 TARGET = "sami_panel_matmul"
 ATTENTION_TARGET = "sami_decode_attention"
+TOP_P_TARGET = "sami_top_p_threshold"
 WIDTH = 16  # output columns per panel
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 
@@ -76,8 +79,10 @@ def _build(cxx: str) -> Path:
         cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
                str(_SOURCE), "-o", str(part)]
         run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr.strip()[-2000:]}")
+        if run.returncode != 0:  # the error lines first: the FFI headers' warnings can fill the output
+            lines = run.stderr.strip().splitlines()
+            errors = [line for line in lines if "error" in line.lower()][:20]
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n" + "\n".join(errors or lines[-30:]))
         os.replace(part, out)
     return out
 
@@ -92,7 +97,7 @@ def load() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        for target in (TARGET, ATTENTION_TARGET):
+        for target in (TARGET, ATTENTION_TARGET, TOP_P_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         warnings.warn(f"sami_jax: the CPU kernels did not build or load, the sampler uses XLA's ops: {e}",
@@ -136,3 +141,10 @@ def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, ma
     out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, kv_heads, h // kv_heads, d), jnp.float32))(
         q_bthd.reshape(b, kv_heads, h // kv_heads, d), k_bksd, v_bksd, mask_bts[:, 0].astype(bool))
     return out.reshape(b, 1, h, d)
+
+
+def top_p_threshold(probs_bv: jax.Array, top_p: float) -> jax.Array:
+    """Each row's top-p threshold as float32 bits [b, 1] int32 (`sampling._top_p_keep`'s `lo`: the nucleus is
+    the probabilities whose bits are >= it) for probabilities [b, v] float32. Needs `load()`; CPU only."""
+    return jax.ffi.ffi_call(TOP_P_TARGET, jax.ShapeDtypeStruct((probs_bv.shape[0], 1), jnp.int32))(
+        probs_bv.astype(jnp.float32), top_p=np.float32(top_p))

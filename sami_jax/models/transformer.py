@@ -106,6 +106,13 @@ class OutIn:
         return self.w.dtype
 
 
+def uses_cpu_kernels(params) -> bool:
+    """Whether params hold weights packed for `cpu_kernels` (`split_layers(panels=True)`, which loads them):
+    then the sampler's other float32 steps on that one CPU device use the kernels too."""
+    lm_head = params.get("lm_head")
+    return isinstance(lm_head, OutIn) and lm_head.panels
+
+
 # Rows up to which `_matmuls_out_in` multiplies as (W x^T)^T; measured on a 2-core Zen 2 (XLA CPU).
 _OUT_IN_MAX_ROWS = 64
 
@@ -465,10 +472,8 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
         # Weights packed as panels mean the CPU kernels are loaded: a float32 decode step attends through
         # cpu_kernels.decode_attention, which reads only the unmasked slots (SmolLM2, batch 16, 64 new tokens
         # after 128: 6.22 -> 5.74 s on the 2-core CPU).
-        lm_head = params.get("lm_head")
         attend_cached = cpu_kernels.decode_attention if (
-            t == 1 and isinstance(lm_head, OutIn) and lm_head.panels and cache.k[0].dtype == jnp.float32
-        ) else attention.gqa_attention_bksd
+            t == 1 and uses_cpu_kernels(params) and cache.k[0].dtype == jnp.float32) else attention.gqa_attention_bksd
         k, v = [], []
         for p, kc, vc in zip(params["layers"], cache.k, cache.v, strict=True):
             def attend(q, k_new, v_new, kc=kc, vc=vc):
