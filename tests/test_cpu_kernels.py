@@ -123,3 +123,15 @@ def test_top_p_threshold_equals_numpy(v, top_p):
     bits = jax.jit(cpu_kernels.top_p_threshold, static_argnums=1)(jnp.asarray(p), top_p)
     assert bits.shape == (len(p), 1) and bits.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(bits)[:, 0].view(np.float32), _top_p_threshold_numpy(p, top_p))
+
+
+@needs_kernel
+def test_top_p_threshold_skips_nan():
+    """A NaN probability (from NaN logits) is left out of the sums and the sort instead of corrupting them."""
+    assert cpu_kernels.load()
+    p = np.array(jax.nn.softmax(jnp.asarray(np.random.default_rng(0).normal(0, 2, (2, 300)), jnp.float32)))
+    p[0, 7] = np.nan
+    p[1, :] = np.nan
+    bits = np.asarray(jax.jit(cpu_kernels.top_p_threshold, static_argnums=1)(jnp.asarray(p), 0.9))[:, 0]
+    assert bits.view(np.float32)[0] == _top_p_threshold_numpy(np.nan_to_num(p[:1], nan=0.0), 0.9)[0]
+    assert bits.view(np.float32)[1] == 0.0  # nothing but NaN: nothing reaches top_p, so all are kept

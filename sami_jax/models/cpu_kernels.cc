@@ -309,7 +309,8 @@ ffi::Error TopPThreshold(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> probs, floa
       std::memcpy(&bits, &x, sizeof bits);
       return (bits >> kTopPShift) & (kTopPBuckets - 1);
     };
-    for (int64_t i = 0; i < V; ++i) mass[bucket(p[i])] += p[i];
+    for (int64_t i = 0; i < V; ++i)
+      if (!std::isnan(p[i])) mass[bucket(p[i])] += p[i];  // (NaN: skipped, so that sums and sort stay sound)
     double above = 0.0;  // the mass of the buckets above the one looked at
     float threshold = 0.0f;
     for (int b = kTopPBuckets - 1; b >= 0; --b) {
@@ -319,7 +320,7 @@ ffi::Error TopPThreshold(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> probs, floa
       }
       members.clear();
       for (int64_t i = 0; i < V; ++i)
-        if (bucket(p[i]) == static_cast<uint32_t>(b)) members.push_back(p[i]);
+        if (bucket(p[i]) == static_cast<uint32_t>(b) && !std::isnan(p[i])) members.push_back(p[i]);
       std::sort(members.begin(), members.end(), std::greater<float>());
       bool found = false;
       for (float x : members) {
