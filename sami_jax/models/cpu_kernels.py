@@ -89,7 +89,7 @@ def _build(cxx: str) -> Path:
 
 @functools.cache
 def load() -> bool:
-    """Builds (or finds) the kernel and registers it with XLA; False, with a warning, where it cannot."""
+    """Builds (or finds) the kernels and registers them with XLA; False, with a warning, where it cannot."""
     cxx = _compiler()
     if cxx is None:
         warnings.warn("sami_jax: no C++ compiler ($CXX, g++ or c++) to build the CPU kernels; "
@@ -107,7 +107,7 @@ def load() -> bool:
 
 
 def enabled() -> bool:
-    """Whether the sampler should use the kernel on this machine (SAMI_JAX_CPU_KERNELS, see the module doc)."""
+    """Whether the sampler should use the kernels on this machine (SAMI_JAX_CPU_KERNELS, see the module doc)."""
     mode = os.environ.get("SAMI_JAX_CPU_KERNELS", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"SAMI_JAX_CPU_KERNELS={mode!r}: want auto, 0 or 1")
