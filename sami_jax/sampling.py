@@ -89,7 +89,7 @@ def _top_p_keep(x_bv: jax.Array, top_p: float, cpu_kernel: bool = False) -> jax.
     likely than it, G(its probability), is < top_p; G only falls as the probability rises, so the kept set
     is every token at or above the smallest probability v with G(v) < top_p. Non-negative float32 values
     order as their bit patterns do, so 31 halvings of [0, 1.0]'s bit range find v exactly, each a masked sum
-    over the vocabulary (8 ms at batch 16 x 49,152 on the 2-core CPU; a full sort took 270). Exact ties at
+    over the vocabulary (8 ms at batch 16 x 49,152 on the 2-core AMD CPU; a full sort took 270). Exact ties at
     the threshold are all kept, where HF keeps the ones its sort happens to place last. cpu_kernel: the same
     threshold from a C++ bucket search (`cpu_kernels.top_p_threshold`: 12 -> 2.3 ms at batch 16 x 49,152 with
     the softmax, on the AVX-512 2-core CPU; sums in float64, so a row of thousands of nearly equal

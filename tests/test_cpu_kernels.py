@@ -1,5 +1,5 @@
-"""The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`), the panel matmul and the decode attention, against
-numpy in float64; their switch and their fallback when they cannot build."""
+"""The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`): the panel matmul, the decode attention and the top-p
+threshold, against numpy in float64; their switch and their fallback when they cannot build."""
 
 import shutil
 

@@ -211,7 +211,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // minimum, so it adds exactly 0 beside any unmasked one and is skipped here (neither its key nor its value
 // read: a cache's slots past the step are most of it early on); a row with no unmasked slot (padding) gets
 // the uniform mean of all its values, as that softmax gives. Work units: the B x H (row, KV head) pairs,
-// each reading its keys and values once into L1 and using them for its G query heads.
+// each reading a slot's key once for its G query heads.
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
