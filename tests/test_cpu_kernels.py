@@ -1,4 +1,4 @@
-"""The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`): the panel matmul, the decode attention and the top-p
+"""The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`): the panel matmul, the attention and the top-p
 threshold, against numpy in float64; their switch and their fallback when they cannot build."""
 
 import shutil
@@ -62,41 +62,46 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
 
 
 def _attention_numpy(q, k, v, mask):
-    """Plain float64 softmax attention, one query per row: q [b, h, d], k and v [b, kv, s, d], mask [b, s]; a row
-    with no unmasked slot averages all its values (what a softmax over equal scores gives)."""
-    b, h, d = q.shape
+    """Plain float64 softmax attention: q [b, t, h, d], k and v [b, kv, s, d], mask [b, t, s]; a query with no
+    unmasked slot averages all its values (what a softmax over equal scores gives)."""
+    b, t, h, d = q.shape
     kv = k.shape[1]
-    out = np.zeros((b, h, d))
+    out = np.zeros((b, t, h, d))
     for i in range(b):
         for j in range(h):
             kk, vv = k[i, j // (h // kv)].astype(np.float64), v[i, j // (h // kv)].astype(np.float64)
-            s = kk @ q[i, j].astype(np.float64) / np.sqrt(d)
-            s = np.where(mask[i], s, -np.inf) if mask[i].any() else np.zeros_like(s)
-            p = np.exp(s - s.max())
-            out[i, j] = p @ vv / p.sum()
+            for u in range(t):
+                s = kk @ q[i, u, j].astype(np.float64) / np.sqrt(d)
+                s = np.where(mask[i, u], s, -np.inf) if mask[i, u].any() else np.zeros_like(s)
+                p = np.exp(s - s.max())
+                out[i, u, j] = p @ vv / p.sum()
     return out
 
 
 @needs_kernel
-@pytest.mark.parametrize("b,h,kv,d,s", [(16, 9, 3, 64, 192), (3, 4, 4, 16, 37), (2, 8, 2, 20, 5), (1, 2, 1, 128, 300)])
-def test_decode_attention_equals_numpy(b, h, kv, d, s):
-    """Head dims that are and are not a multiple of 16; masks with a prefix of padding, a sliding window's gap
-    in the middle, a single slot, and none at all (a padding row)."""
+@pytest.mark.parametrize("b,t,h,kv,d,s", [(16, 1, 9, 3, 64, 192), (3, 1, 4, 4, 16, 37), (2, 1, 8, 2, 20, 5),
+                                          (1, 1, 2, 1, 128, 300), (3, 24, 9, 3, 64, 40), (2, 7, 4, 2, 20, 7)])
+def test_attention_equals_numpy(b, t, h, kv, d, s):
+    """One query token per row (a decode step) and several (a prefill, causal over the first t slots, left
+    padding); head dims that are and are not a multiple of 16; masks with a prefix of padding, a sliding window's
+    gap in the middle, a single slot, and none at all (a padding row)."""
     assert cpu_kernels.load()
-    rng = np.random.default_rng(b * 100 + s)
-    q = rng.standard_normal((b, h, d), dtype=np.float32) * 2
+    rng = np.random.default_rng(b * 100 + s + t)
+    q = rng.standard_normal((b, t, h, d), dtype=np.float32) * 2
     k, v = (rng.standard_normal((b, kv, s, d), dtype=np.float32) for _ in range(2))
-    mask = rng.random((b, s)) < 0.8
-    mask[0, : s // 3] = False
+    mask = rng.random((b, t, s)) < 0.8
+    if t > 1:  # causal over the first t slots, the first rows left-padded by 0, 2, 4, ... tokens
+        mask &= np.arange(s)[None, None, :] <= np.arange(t)[None, :, None]
+        mask &= np.arange(s)[None, None, :] >= 2 * np.arange(b)[:, None, None]
+    mask[0, :, : s // 3] = False
     if b > 1:
         mask[1] = False
-        mask[1, s // 2] = True
+        mask[1, :, s // 2] = True
     if b > 2:
-        mask[2] = False
-    out = jax.jit(cpu_kernels.decode_attention)(jnp.asarray(q[:, None]), jnp.asarray(k), jnp.asarray(v),
-                                                jnp.asarray(mask[:, None]))
-    assert out.shape == (b, 1, h, d)
-    np.testing.assert_allclose(np.asarray(out[:, 0]), _attention_numpy(q, k, v, mask), rtol=0, atol=1e-5)
+        mask[2, 0] = False
+    out = jax.jit(cpu_kernels.attention)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    assert out.shape == (b, t, h, d)
+    np.testing.assert_allclose(np.asarray(out), _attention_numpy(q, k, v, mask), rtol=0, atol=1e-5)
 
 
 def _top_p_threshold_numpy(p, top_p):

@@ -8,7 +8,7 @@
 // are stored packed once, and each tile of ROWS rows x PANELS panels reads them straight from memory
 // (prefetched ahead) into ROWS x PANELS accumulators of 16 floats.
 //
-// sami_decode_attention: one query token per row attending over a layer's KV cache, see DecodeAttention.
+// sami_attention: a prefill's or a decode step's attention over a layer's KV cache, see Attention.
 //
 // sami_top_p_threshold: each row's nucleus threshold for top-p sampling, see TopPThreshold.
 #include <algorithm>
@@ -205,26 +205,196 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// out [B, H, G, D] = softmax over s of (q [B, H, G, D] . k [B, H, S, D]) / sqrt(D), masked by mask [B, S],
-// times v [B, H, S, D]: a decode step's attention, one query token per row, H KV heads of G query heads
-// each. The same function as attention.py's masked softmax in float32: a masked slot's score is the float32
-// minimum, so it adds exactly 0 beside any unmasked one and is skipped here (neither its key nor its value
-// read: a cache's slots past the step are most of it early on); a row with no unmasked slot (padding) gets
-// the uniform mean of all its values, as that softmax gives. Work units: the B x H (row, KV head) pairs,
-// each reading a slot's key once for its G query heads.
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+// e^x for each lane, within 2 ulp of float32's for x in [-87.3, 88.7] (clamped there: e^x below 1.2e-38 is
+// taken as that, not as a denormal or 0): 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, a degree-7 Taylor
+// polynomial for e^r (its error below 5e-9) and ln 2 in two parts so that r is exact.
+inline f32x16 exp16(f32x16 x) {
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  const f32x16 lo = f32x16{} - 87.3f, hi = f32x16{} + 88.7f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const f32x16 t = x * 1.44269504088896341f + kRound;
+  const f32x16 n = t - kRound;
+  const f32x16 r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+  f32x16 poly = r * (1.0f / 5040) + 1.0f / 720;
+  poly = poly * r + 1.0f / 120;
+  poly = poly * r + 1.0f / 24;
+  poly = poly * r + 1.0f / 6;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  i32x16 bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  bits = (bits - 0x4B400000 + 127) << 23;  // 2^n: t's bits minus kRound's are n
+  f32x16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return poly * scale;
+}
+
+// Attention's queries of one (row, KV head) for T > 1 (a prefill), kQueries (token, query head) pairs at a
+// time so that each key and value read from cache serves all of them, as in a GEMM's register tile: the keys
+// transposed once into kt [D, S16], a chunk's scores 16 slots x kQueries queries per step, over the slots from
+// the chunk's first unmasked one to its last; masked slots get probability 0 (what the float32-minimum score
+// gives beside an unmasked one). q, out: [T, H, G, D] at this head; mask [T, S].
+constexpr int64_t kQueries = 8;
+void attend_block(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t T,
+                  int64_t H, int64_t G, int64_t D, int64_t S, float scale) {
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  typedef uint8_t u8x16 __attribute__((vector_size(16)));
+  // Each token's first and last unmasked slot (first > last: none), found 8 mask bytes at a time, and the
+  // slots any token reads, [0, used): a fresh prefill's cache past its tokens is never read.
+  thread_local std::vector<int64_t> first, last;
+  first.resize(T);
+  last.resize(T);
+  int64_t used = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool* mt = mask + t * S;
+    auto word = [&](int64_t s) {  // mask bytes s .. s + 7 (s + 8 <= S)
+      uint64_t w;
+      std::memcpy(&w, mt + s, sizeof w);
+      return w;
+    };
+    int64_t f = 0, l = S - 1;
+    while (f + 8 <= S && word(f) == 0) f += 8;
+    while (f < S && !mt[f]) ++f;
+    while (l >= f + 8 && word(l - 7) == 0) l -= 8;
+    while (l >= f && !mt[l]) --l;
+    first[t] = f;
+    last[t] = l;
+    if (f <= l) used = std::max(used, l + 1);
+  }
+  const int64_t S16 = (S + kWidth - 1) / kWidth * kWidth;
+  const f32x16 lowest = f32x16{} + std::numeric_limits<float>::lowest();
+  thread_local std::vector<float> kt, p;         // keys [D, S16]; probabilities [kQueries, S16]
+  thread_local std::vector<uint8_t> m;            // the chunk's tokens' masks [kQueries, S16], zero past S
+  thread_local std::vector<float> mean;           // the mean of all S values: a query with no unmasked slot's
+  mean.clear();
+  kt.resize(D * S16);
+  for (int64_t s = 0; s < used; ++s)
+    for (int64_t d = 0; d < D; ++d) kt[d * S16 + s] = k[s * D + d];
+  p.resize(kQueries * S16);
+  m.resize(kQueries * S16);
+  const int64_t n = T * G;  // queries, token-major
+  for (int64_t c0 = 0; c0 < n; c0 += kQueries) {
+    const int64_t nq = std::min(kQueries, n - c0);
+    int64_t lo = S, hi = 0;  // the chunk's slots with any unmasked one
+    bool empty[kQueries];
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t t = (c0 + i) / G;
+      uint8_t* mi = m.data() + i * S16;
+      std::memcpy(mi, mask + t * S, S);
+      std::memset(mi + S, 0, S16 - S);
+      empty[i] = first[t] > last[t];
+      if (!empty[i]) lo = std::min(lo, first[t]), hi = std::max(hi, last[t] + 1);
+    }
+    lo = lo / kWidth * kWidth;
+    // (A chunk's missing queries repeat its last: the loops keep a fixed shape, so their sums stay in registers.)
+    const float* qs[kQueries];
+    for (int64_t i = 0; i < kQueries; ++i) {
+      const int64_t j = c0 + std::min(i, nq - 1);
+      qs[i] = q + (j / G * H * G + j % G) * D;
+    }
+    // Scores: 16 slots x kQueries queries per step, the sum over d in kQueries independent chains.
+    for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
+      f32x16 acc[kQueries] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const f32x16 kd = load(kt.data() + d * S16 + s0);
+        for (int64_t i = 0; i < kQueries; ++i) acc[i] += qs[i][d] * kd;
+      }
+      for (int64_t i = 0; i < nq; ++i) std::memcpy(p.data() + i * S16 + s0, &acc[i], sizeof acc[i]);
+    }
+    // Each query's softmax over its unmasked slots in [lo, hi) (a query with none: the mean of all S values).
+    for (int64_t i = 0; i < nq; ++i) {
+      float* pi = p.data() + i * S16;
+      if (empty[i]) continue;
+      auto unmasked = [&](int64_t s0) {  // lanes s0 .. s0 + 15 of the query's mask: all-ones or zero
+        u8x16 bytes;
+        std::memcpy(&bytes, m.data() + i * S16 + s0, sizeof bytes);
+        return __builtin_convertvector(bytes, i32x16) != 0;
+      };
+      f32x16 top = lowest;
+      for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
+        f32x16 x = load(pi + s0) * scale;
+        x = unmasked(s0) ? x : lowest;
+        top = top > x ? top : x;
+        std::memcpy(pi + s0, &x, sizeof x);
+      }
+      float mx = top[0];
+      for (int64_t j = 1; j < kWidth; ++j) mx = std::max(mx, top[j]);
+      f32x16 sum = {};
+      for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
+        f32x16 e = exp16(load(pi + s0) - mx);
+        e = unmasked(s0) ? e : f32x16{};
+        sum += e;
+        std::memcpy(pi + s0, &e, sizeof e);
+      }
+      const f32x16 inv = f32x16{} + 1.0f / hsum(sum);
+      for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
+        const f32x16 x = load(pi + s0) * inv;
+        std::memcpy(pi + s0, &x, sizeof x);
+      }
+    }
+    // Values: 32 columns x kQueries queries per step over the slots (a query with no unmasked slot: the mean).
+    float* os[kQueries];
+    for (int64_t i = 0; i < nq; ++i) os[i] = out + ((c0 + i) / G * H * G + (c0 + i) % G) * D;
+    for (int64_t i = 0; i < nq; ++i) {
+      if (!empty[i]) continue;
+      if (mean.empty()) {
+        mean.assign(D, 0.0f);
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t c = 0; c < D; ++c) mean[c] += v[s * D + c];
+        for (float& x : mean) x /= static_cast<float>(S);
+      }
+      std::memcpy(os[i], mean.data(), D * sizeof(float));
+    }
+    int64_t c = 0;
+    for (; c + 2 * kWidth <= D; c += 2 * kWidth) {
+      f32x16 acc[kQueries][2] = {};
+      for (int64_t s = lo; s < hi; ++s) {
+        const f32x16 v0 = load(v + s * D + c), v1 = load(v + s * D + c + kWidth);
+        for (int64_t i = 0; i < kQueries; ++i) {
+          const float pis = p[std::min(i, nq - 1) * S16 + s];
+          acc[i][0] += pis * v0;
+          acc[i][1] += pis * v1;
+        }
+      }
+      for (int64_t i = 0; i < nq; ++i)
+        if (!empty[i]) std::memcpy(os[i] + c, acc[i], sizeof acc[i]);
+    }
+    for (; c < D; ++c)
+      for (int64_t i = 0; i < nq; ++i) {
+        if (empty[i]) continue;
+        float acc = 0.0f;
+        for (int64_t s = lo; s < hi; ++s) acc += p[i * S16 + s] * v[s * D + c];
+        os[i][c] = acc;
+      }
+  }
+}
+
+// out [B, T, H, G, D] = softmax over s of (q [B, T, H, G, D] . k [B, H, S, D]) / sqrt(D), masked by
+// mask [B, T, S], times v [B, H, S, D]: the attention of T query tokens per row over H KV heads of G query heads
+// each, the keys and values in the KV cache's layout (a decode step: T = 1; a prefill: T = the prompt). The
+// same function as attention.py's masked softmax in float32: a masked slot's score is the float32 minimum, so it
+// adds exactly 0 beside any unmasked one and is skipped here (neither its key nor its value read: a cache's
+// slots past the step are most of it early on, and a causal prefill's query t reads slots up to t only); a
+// query with no unmasked slot (padding) gets the uniform mean of all its values, as that softmax gives. Work
+// units: the B x H (row, KV head) pairs. A decode step's reads each unmasked slot's key once for the G query
+// heads; a prefill's go through attend_block, 8 queries at a time (SmolLM2's batch-16 prefill of 128 tokens:
+// about 3 ms a layer, where XLA's einsum attention takes 8-11).
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                     ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
   const auto od = out->dimensions();
-  const bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && md.size() == 2 && od.size() == 4 &&
-                  kd[0] == qd[0] && kd[1] == qd[1] && kd[3] == qd[3] && std::equal(kd.begin(), kd.end(), vd.begin()) &&
-                  md[0] == qd[0] && md[1] == kd[2] && std::equal(qd.begin(), qd.end(), od.begin());
+  const bool ok = qd.size() == 5 && kd.size() == 4 && vd.size() == 4 && md.size() == 3 && od.size() == 5 &&
+                  kd[0] == qd[0] && kd[1] == qd[2] && kd[3] == qd[4] && std::equal(kd.begin(), kd.end(), vd.begin()) &&
+                  md[0] == qd[0] && md[1] == qd[1] && md[2] == kd[2] && std::equal(qd.begin(), qd.end(), od.begin());
   if (!ok) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "sami_decode_attention: want q [B, H, G, D], k and v [B, H, S, D], mask [B, S], out like q");
+                      "sami_attention: want q [B, T, H, G, D], k and v [B, H, S, D], mask [B, T, S], out like q");
   }
-  const int64_t B = qd[0], H = qd[1], G = qd[2], D = qd[3], S = kd[2];
-  if (B * H * G * D == 0) return ffi::Error::Success();
+  const int64_t B = qd[0], T = qd[1], H = qd[2], G = qd[3], D = qd[4], S = kd[2];
+  if (B * T * H * G * D == 0) return ffi::Error::Success();
   const float* qs = q.typed_data();
   const float* ks = k.typed_data();
   const float* vs = v.typed_data();
@@ -232,10 +402,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   float* os = out->typed_data();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   parallel_for(pool, B * H, [=](int64_t unit) {
-    const float* qu = qs + unit * G * D;
+    const int64_t row = unit / H, head = unit % H;
     const float* kb = ks + unit * S * D;
     const float* vb = vs + unit * S * D;
-    const bool* mb = ms + unit / H * S;
+    if (T > 1)
+      return attend_block(qs + (row * T * H + head) * G * D, kb, vb, ms + row * T * S,
+                          os + (row * T * H + head) * G * D, T, H, G, D, S, scale);
+    const float* qu = qs + unit * G * D;  // (T = 1)
+    const bool* mb = ms + row * S;
     float* ob = os + unit * G * D;
     thread_local std::vector<int64_t> slots;
     thread_local std::vector<float> p;  // [G, n] scores, then probabilities
@@ -346,7 +520,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_panel_matmul, PanelMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_decode_attention, DecodeAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_attention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

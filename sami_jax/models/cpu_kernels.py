@@ -1,14 +1,15 @@
-"""The sampler's float32 CPU kernels (`cpu_kernels.cc`): a matmul on weights stored as panels, a decode
-step's attention over the KV cache, and top-p's threshold search.
+"""The sampler's float32 CPU kernels (`cpu_kernels.cc`): a matmul on weights stored as panels, attention
+over the KV cache, and top-p's threshold search.
 
 XLA's CPU GEMM repacks each weight panel before it uses it, so the products of a decode step (16 rows
 against a [576, 3072] weight) stream the weights at about a third of the machine's memory rate. The
 panel matmul keeps the weights packed once, as panels [ceil(N / 16), K, 16], and reads them straight
-from memory; `split_layers(panels=True)` stores the sampler's weights that way. A decode step's attention
-(one query per row over a cache of a few hundred slots) is a handful of tiny XLA fusions per layer; the
-kernel runs it as one loop per (row, KV head) that reads only the unmasked slots. `forward_cached` uses it
-where the weights are panels, and the sampler's top-p then finds its threshold with `top_p_threshold` (a
-mass histogram over the float bits and one bucket sorted, where XLA makes 31 passes over the vocabulary).
+from memory; `split_layers(panels=True)` stores the sampler's weights that way. Attention over the KV
+cache (a decode step's one query per row over a few hundred slots, or a prefill's causal prompt) is a
+handful of small XLA fusions and transposes per layer; the kernel runs it as one loop per (row, KV head)
+that reads only each query's unmasked slots. `forward_cached` uses it where the weights are panels, and
+the sampler's top-p then finds its threshold with `top_p_threshold` (a mass histogram over the float bits
+and one bucket sorted, where XLA makes 31 passes over the vocabulary).
 
 The kernels are XLA FFI handlers compiled on first use with the machine's C++ compiler ($CXX, else g++ or
 c++; `-O3 -march=native`) against the installed jaxlib's FFI headers, and cached under
@@ -38,7 +39,7 @@ import jaxlib
 import numpy as np
 
 TARGET = "sami_panel_matmul"
-ATTENTION_TARGET = "sami_decode_attention"
+ATTENTION_TARGET = "sami_attention"
 TOP_P_TARGET = "sami_top_p_threshold"
 WIDTH = 16  # output columns per panel
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -130,17 +131,17 @@ def matmul(x_rk: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_rk.shape[0], n), jnp.float32))(x_rk, panels)
 
 
-def decode_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """`attention.gqa_attention_bksd` for one query token per row (t = 1), all float32: q [b, 1, h, d], keys and
-    values [b, kv_heads, s, d] (the cache layout), mask [b, 1, s] (True: attend). Returns [b, 1, h, d] float32.
-    Needs `load()` to have succeeded; CPU only."""
+def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """`attention.gqa_attention_bksd` in float32 over keys and values in the KV cache's layout: q [b, t, h, d],
+    keys and values [b, kv_heads, s, d], mask [b, t, s] (True: attend). Returns [b, t, h, d] float32. Each query
+    reads only its unmasked slots; one with none (padding) gets the mean of all s values, as the masked softmax
+    gives. Needs `load()` to have succeeded; CPU only."""
     b, t, h, d = q_bthd.shape
     kv_heads = k_bksd.shape[1]
-    if t != 1:
-        raise ValueError(f"decode_attention takes one query token per row, got q of shape {q_bthd.shape}")
-    out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, kv_heads, h // kv_heads, d), jnp.float32))(
-        q_bthd.reshape(b, kv_heads, h // kv_heads, d), k_bksd, v_bksd, mask_bts[:, 0].astype(bool))
-    return out.reshape(b, 1, h, d)
+    shape = (b, t, kv_heads, h // kv_heads, d)
+    out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))(
+        q_bthd.astype(jnp.float32).reshape(shape), k_bksd, v_bksd, mask_bts.astype(bool))
+    return out.reshape(b, t, h, d)
 
 
 def top_p_threshold(probs_bv: jax.Array, top_p: float) -> jax.Array:

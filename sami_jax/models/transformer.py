@@ -432,7 +432,8 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
     the vocab projection of every prompt token is a large share of its FLOPs.
     prefill_attention: how a fresh prefill's tokens attend among themselves (rows left-padded): "einsum"
     (scores in memory), or flash attention through `attention.fused_attention_left_padded`, "cudnn" (NVIDIA
-    GPUs, bf16/fp16) or "xla" (jax's portable implementation of the same call).
+    GPUs, bf16/fp16) or "xla" (jax's portable implementation of the same call). Float32 params packed for
+    the CPU kernels (`uses_cpu_kernels`) attend through `cpu_kernels.attention` instead.
 
     Per-layer params (`split_layers`) and a per-layer cache (`KVCache.create(per_layer=True)`) run as a
     Python loop over the layers, each writing the new keys and values into its own buffers and then
@@ -469,18 +470,23 @@ def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVC
         # prefill, only among the new tokens). Attending over the old buffers and writing afterwards made
         # XLA copy both buffers of every layer at each decode step: 28 of a 160 ms step at batch 16.
         mask = None if fresh else attention.attention_mask(q_idx, kv_idx, valid, config.sliding_window)
-        # Weights packed as panels mean the CPU kernels are loaded: a float32 decode step attends through
-        # cpu_kernels.decode_attention, which reads only the unmasked slots (SmolLM2, batch 16, 64 new tokens
-        # after 128: 6.22 -> 5.74 s on the 2-core CPU).
-        attend_cached = cpu_kernels.decode_attention if (
-            t == 1 and uses_cpu_kernels(params) and cache.k[0].dtype == jnp.float32) else attention.gqa_attention_bksd
+        # Weights packed as panels mean the CPU kernels are loaded: float32 attention then runs through
+        # cpu_kernels.attention, which reads only each query's unmasked slots (SmolLM2, batch 16, 64 new tokens
+        # after 128 on the 2-core CPU: the decode steps', 6.22 -> 5.74 s a run; the prefill's, 2.42 -> 2.27 s).
+        # A fresh prefill then attends over the buffers it has just written (its tokens in slots [start,
+        # start + t)), whatever prefill_attention says.
+        kernel = uses_cpu_kernels(params) and cache.k[0].dtype == jnp.float32
+        if kernel and fresh:
+            mask = jax.lax.dynamic_update_slice(jnp.zeros((b, t, length), bool), new_mask, (0, 0, start))
         k, v = [], []
         for p, kc, vc in zip(params["layers"], cache.k, cache.v, strict=True):
             def attend(q, k_new, v_new, kc=kc, vc=vc):
                 kc, vc = write(kc, k_new), write(vc, v_new)
+                if kernel:
+                    return cpu_kernels.attention(q, kc, vc, mask).astype(q.dtype), (kc, vc)
                 if fresh:
                     return attend_new(q, k_new, v_new), (kc, vc)
-                return attend_cached(q, kc, vc, mask), (kc, vc)
+                return attention.gqa_attention_bksd(q, kc, vc, mask), (kc, vc)
 
             x, (kc, vc) = _layer(config, moe_impl, sharder, x, p, cos, sin, attend)
             k.append(kc)
