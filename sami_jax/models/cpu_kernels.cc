@@ -297,12 +297,13 @@ void attend_block(const float* q, const float* k, const float* v, const bool* ma
   thread_local std::vector<uint8_t> m;            // the chunk's tokens' masks [kQueries, S16], zero past S
   thread_local std::vector<float> mean;           // the mean of all S values: a query with no unmasked slot's
   mean.clear();
-  kt.resize(D * S16);
+  kt.resize(D * S16);  // (columns from used on hold an earlier unit's keys: read, but always masked)
   for (int64_t s = 0; s < used; ++s)
     for (int64_t d = 0; d < D; ++d) kt[d * S16 + s] = k[s * D + d];
   p.resize(kQueries * S16);
   m.resize(kQueries * S16);
   const int64_t n = T * G;  // queries, token-major
+  auto at = [=](int64_t j) { return (j / G * H * G + j % G) * D; };  // query j's offset in q and out
   for (int64_t c0 = 0; c0 < n; c0 += kQueries) {
     const int64_t nq = std::min(kQueries, n - c0);
     int64_t lo = S, hi = 0;  // the chunk's slots with any unmasked one
@@ -318,10 +319,7 @@ void attend_block(const float* q, const float* k, const float* v, const bool* ma
     lo = lo / kWidth * kWidth;
     // (A chunk's missing queries repeat its last: the loops keep a fixed shape, so their sums stay in registers.)
     const float* qs[kQueries];
-    for (int64_t i = 0; i < kQueries; ++i) {
-      const int64_t j = c0 + std::min(i, nq - 1);
-      qs[i] = q + (j / G * H * G + j % G) * D;
-    }
+    for (int64_t i = 0; i < kQueries; ++i) qs[i] = q + at(c0 + std::min(i, nq - 1));
     // Scores: 16 slots x kQueries queries per step, the sum over d in kQueries independent chains.
     for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
       f32x16 acc[kQueries] = {};
@@ -343,7 +341,7 @@ void attend_block(const float* q, const float* k, const float* v, const bool* ma
     }
     // Values: 32 columns x kQueries queries per step over the slots (a query with no unmasked slot: the mean).
     float* os[kQueries];
-    for (int64_t i = 0; i < nq; ++i) os[i] = out + ((c0 + i) / G * H * G + (c0 + i) % G) * D;
+    for (int64_t i = 0; i < nq; ++i) os[i] = out + at(c0 + i);
     for (int64_t i = 0; i < nq; ++i) {
       if (!empty[i]) continue;
       if (mean.empty()) {
@@ -488,7 +486,7 @@ void attend_one(const float* q, const float* k, const float* v, const bool* mask
 // slots past the step are most of it early on, and a causal prefill's query t reads slots up to t only); a
 // query with no unmasked slot (padding) gets the uniform mean of all its values, as that softmax gives. Work
 // units: the B x H (row, KV head) pairs: a decode step's through attend_one (SmolLM2's 30 layers at batch 16:
-// 7.3-7.9 ms a step, 10.4 before its rewrite), a prefill's through attend_block, 8 queries at a time (its
+// 6.7-7.9 ms a step, 10.4 before its rewrite), a prefill's through attend_block, 8 queries at a time (its
 // batch-16 prompts of 128 tokens: about 3 ms a layer, where XLA's einsum attention takes 8-11).
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                      ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
@@ -513,10 +511,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     const int64_t row = unit / H, head = unit % H;
     const float* kb = ks + unit * S * D;
     const float* vb = vs + unit * S * D;
-    if (T > 1)
-      return attend_block(qs + (row * T * H + head) * G * D, kb, vb, ms + row * T * S,
-                          os + (row * T * H + head) * G * D, T, H, G, D, S, scale);
-    attend_one(qs + unit * G * D, kb, vb, ms + row * S, os + unit * G * D, G, D, S, scale);  // (T = 1)
+    const int64_t off = (row * T * H + head) * G * D;  // the unit's first query
+    if (T > 1) return attend_block(qs + off, kb, vb, ms + row * T * S, os + off, T, H, G, D, S, scale);
+    attend_one(qs + off, kb, vb, ms + row * S, os + off, G, D, S, scale);
   });
   return ffi::Error::Success();
 }
