@@ -13,6 +13,7 @@ import collections
 import glob
 import gzip
 import json
+import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable
@@ -111,7 +112,8 @@ def op_profile(run: Callable[[], object], hlo_texts: Iterable[str] = (), top: in
     for r in rows[:top]:
         print(f"{r['ms']:9.2f} ms {r['ms'] / max(busy / 1e3, 1e-9):6.1%} x{r['count']:<6d} {r['op'][:28]:28s} "
               f"{(r['what'] or r['kernel'])[:110]}")
-    if out_json:
+    if out_json:  # its folder too: a --profile DIR that does not exist yet must not lose the profiled run
+        os.makedirs(os.path.dirname(out_json) or ".", exist_ok=True)
         with open(out_json, "w") as f:
             json.dump({"title": title, "busy_ms": busy / 1e3, "span_ms": wall, "rows": rows}, f)
     return rows
