@@ -87,6 +87,34 @@ def _abstract_leaf(path, leaf):
     )
 
 
+def _key_text(key) -> str:
+    """A path key as plain text, so that a NamedTuple field (.mu), a dict key (['mu']) and an index ([0]) of the
+    target match the dicts and lists orbax's metadata holds."""
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shape_mismatch(saved_tree, target) -> str | None:
+    """The first target leaf whose shape differs from the saved one at the same path ("path is (3,) in the
+    checkpoint, (4,) in the target"), or None: the shapes agree, or the two trees' paths do not correspond
+    one to one (orbax's restore then decides)."""
+
+    def flat(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {"/".join(_key_text(k) for k in path): leaf for path, leaf in leaves}
+
+    saved, wanted = flat(saved_tree), flat(target)
+    if saved.keys() != wanted.keys():
+        return None
+    for name, leaf in wanted.items():
+        shape = getattr(saved[name], "shape", None)
+        if shape is not None and tuple(shape) != tuple(leaf.shape):
+            return f"{name} is {tuple(shape)} in the checkpoint, {tuple(leaf.shape)} in the target"
+    return None
+
+
 class RunCheckpointer:
     """Training-run checkpoints in <workdir>/checkpoints via orbax.checkpoint.CheckpointManager:
     a pytree `state` (params, optimizer state, step counters as jax arrays; restored onto the shardings
@@ -229,6 +257,12 @@ class RunCheckpointer:
         elif step not in steps:
             raise CheckpointError(f"{self.directory}: no checkpoint {step}; have {steps or 'none'}")
         target = jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_state)
+        # Shapes checked against the saved metadata first: the error names the array, and orbax, which
+        # raises only once its reads have started, leaves no reads pending.
+        saved = self._saved_tree(step)
+        mismatch = saved is not None and _shape_mismatch(getattr(saved, "tree", saved), target)
+        if mismatch:
+            raise CheckpointError(f"{self.directory}: checkpoint {step} does not fit the restore target: {mismatch}")
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()})
         try:
             restored = self._manager.restore(step, args=args)
@@ -238,6 +272,14 @@ class RunCheckpointer:
                 f"(tree structure, shapes or dtypes differ): {e}"
             ) from e
         return restored[STATE_ITEM], dict(restored[META_ITEM])
+
+    def _saved_tree(self, step: int):
+        """The metadata tree of checkpoint `step`'s state, or None where orbax cannot give one (then its
+        restore reports what is wrong)."""
+        try:
+            return self._manager.item_metadata(step)[STATE_ITEM]
+        except (KeyError, ValueError, TypeError, FileNotFoundError):
+            return None
 
     def wait(self) -> None:
         """Blocks until pending async saves are committed (and old checkpoints pruned); re-raises their errors."""
