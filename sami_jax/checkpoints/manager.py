@@ -87,23 +87,14 @@ def _abstract_leaf(path, leaf):
     )
 
 
-def _key_text(key) -> str:
-    """A path key as plain text, so that a NamedTuple field (.mu), a dict key (['mu']) and an index ([0]) of the
-    target match the dicts and lists orbax's metadata holds."""
-    for attr in ("name", "key", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _shape_mismatch(saved_tree, target) -> str | None:
     """The first target leaf whose shape differs from the saved one at the same path ("path is (3,) in the
     checkpoint, (4,) in the target"), or None: the shapes agree, or the two trees' paths do not correspond
     one to one (orbax's restore then decides)."""
 
-    def flat(tree):
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {"/".join(_key_text(k) for k in path): leaf for path, leaf in leaves}
+    def flat(tree):  # paths as plain text, so that a NamedTuple field, a dict key and an index of the target
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]  # match the dicts and lists of orbax's metadata
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in leaves}
 
     saved, wanted = flat(saved_tree), flat(target)
     if saved.keys() != wanted.keys():
