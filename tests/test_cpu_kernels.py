@@ -1,5 +1,6 @@
-"""The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`): the panel matmul, the attention and the top-p
-threshold, against numpy in float64; their switch and their fallback when they cannot build."""
+"""The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`): the panel matmul (float32 panels, and GGUF-quantized
+weights stored as blocks), the attention and the top-p threshold, against numpy in float64; their switch and
+their fallback when they cannot build."""
 
 import shutil
 
@@ -38,6 +39,58 @@ def test_panel_matmul_rejects_mismatched_shapes():
     x, panels = jnp.ones((2, 8)), jnp.ones((1, 9, 16))  # K 8 against panels of K 9
     with pytest.raises(Exception, match="sami_panel_matmul: want x"):
         jax.block_until_ready(cpu_kernels.matmul(x, panels, 16))
+
+
+def _gguf_weights(qtype_name: str, n: int, k: int, seed: int) -> np.ndarray:
+    """An [n, k] float32 weight as GGUF's reference quantizer and dequantizer (`gguf.quants`) leave it."""
+    gguf = pytest.importorskip("gguf", reason="the `gguf` package (test extra) quantizes the weights")
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    w = np.random.default_rng(seed).standard_normal((n, k), dtype=np.float32) * 0.05
+    return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).reshape(n, k).astype(np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("rows,k,n", [(1, 64, 50), (3, 96, 1000), (13, 32, 17), (16, 576, 300), (17, 64, 33),
+                                      (300, 96, 96)])
+def test_block_matmul_equals_numpy_and_panels(qtype, rows, k, n):
+    """GGUF-quantized weights stored as 8-bit blocks: found by pack_blocks for each quantized type, a product
+    within float32 rounding of float64 numpy, and bit for bit the float32 panels' product (the same sums in the
+    same order), for a decode step's rows (one tile), a partial tile and a prefill's (blocks rebuilt)."""
+    assert cpu_kernels.load()
+    w = _gguf_weights(qtype, n, k, seed=rows + n)
+    x = np.random.default_rng(rows).standard_normal((rows, k), dtype=np.float32)
+    panels = jax.jit(cpu_kernels.pack)(jnp.asarray(w))
+    blocks = cpu_kernels.pack_blocks(panels)
+    assert blocks is not None and blocks.dtype == np.uint8
+    assert blocks.nbytes == panels.shape[0] * k * 16 * 5 // 4  # 1.25 bytes a weight
+    mm = jax.jit(cpu_kernels.matmul, static_argnums=2)
+    y = np.asarray(mm(jnp.asarray(x), jnp.asarray(blocks), n))
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=0, atol=2e-6 * k ** 0.5 * 4)
+    np.testing.assert_array_equal(y.view(np.uint32), np.asarray(mm(jnp.asarray(x), panels, n)).view(np.uint32))
+
+
+@needs_kernel
+def test_pack_blocks_refuses_weights_not_of_a_quantized_form():
+    assert cpu_kernels.load()
+    pack = jax.jit(cpu_kernels.pack)
+    rng = np.random.default_rng(0)
+    assert cpu_kernels.pack_blocks(pack(jnp.asarray(rng.standard_normal((40, 64), dtype=np.float32)))) is None
+    w = _gguf_weights("Q4_1", 40, 64, seed=1)
+    assert cpu_kernels.pack_blocks(pack(jnp.asarray(w))) is not None
+    for bad in (np.nextafter(w[7, 33], np.float32(1)), np.nan, np.inf):  # one weight off by an ulp, NaN, inf
+        v = w.copy()
+        v[7, 33] = bad
+        assert cpu_kernels.pack_blocks(pack(jnp.asarray(v))) is None
+    assert cpu_kernels.pack_blocks(pack(jnp.asarray(w[:, :48]))) is None  # K not a multiple of 32
+
+
+@needs_kernel
+def test_block_matmul_rejects_mismatched_shapes():
+    assert cpu_kernels.load()
+    x, blocks = jnp.ones((2, 64)), jnp.zeros((1, 640), jnp.uint8)  # K 64 needs 2 blocks of 640 bytes a panel
+    with pytest.raises(Exception, match="sami_block_matmul: want x"):
+        jax.block_until_ready(cpu_kernels.matmul(x, blocks, 16))
 
 
 def test_switch(monkeypatch):

@@ -1,11 +1,19 @@
 """The real SmolLM2-135M-Instruct (GGUF, Q4_1) against transformers' own GGUF load, on real
 HH-RLHF dialogues in one left-padded batch."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import sami_jax
+from sami_jax.models import cpu_kernels
+from sami_jax.models.transformer import OutIn
+
+
+def _is_out_in(w) -> bool:
+    return isinstance(w, OutIn)
 
 N_TEXTS, MAX_TOKENS = 8, 96
 
@@ -63,7 +71,11 @@ def test_greedy_equals_hf_generate_on_real_prompts(smollm2, smollm2_transformers
     from sami_jax.sampling import Sampler, SamplingParams
 
     prompts = _hh_prompts(hh_texts, 16)
-    ours = Sampler(smollm2).generate(prompts, SamplingParams(max_new_tokens=64))
+    sampler = Sampler(smollm2)
+    ours = sampler.generate(prompts, SamplingParams(max_new_tokens=64))
+    if cpu_kernels.enabled():  # then every weight of this Q4_1/Q8_0 GGUF runs as 8-bit blocks
+        assert all(w.w.dtype == jnp.uint8 for w in jax.tree.leaves(sampler.run_params(), is_leaf=_is_out_in)
+                   if _is_out_in(w))
     tok = smollm2.tokenizer
     ids = [tok.encode(p) for p in prompts]
     assert len({len(i) for i in ids}) > 4

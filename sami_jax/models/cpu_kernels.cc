@@ -8,6 +8,9 @@
 // are stored packed once, and each tile of ROWS rows x PANELS panels reads them straight from memory
 // (prefetched ahead) into ROWS x PANELS accumulators of 16 floats.
 //
+// sami_block_matmul: the same product for W stored as blocks of 8-bit integers (see QBlock): each weight is
+// rebuilt exactly as the float32 (q * d) + m it stands for, so the outputs are bit for bit the panel matmul's.
+//
 // sami_attention: a prefill's or a decode step's attention over a layer's KV cache, see Attention.
 //
 // sami_top_p_threshold: each row's nucleus threshold for top-p sampling, see TopPThreshold.
@@ -21,6 +24,10 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -102,6 +109,43 @@ constexpr int64_t tile_height(int64_t rows) {
   return rows == 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : rows <= kRows ? kRows : kOnePass;
 }
 
+// a [16 rows] of 16 lanes, transposed in place: four rounds that exchange the off-diagonal halves of blocks of
+// 8, 4, 2 and 1 rows and columns (two two-register shuffles per pair of rows and round).
+#define SAMI_ROUND(D, LO, HI)                                      \
+  for (int i = 0; i < 16; ++i)                                     \
+    if (!(i & D)) {                                                \
+      const f32x16 top = a[i], bottom = a[i + D];                  \
+      a[i] = __builtin_shufflevector(top, bottom, SAMI_UNPACK LO);     \
+      a[i + D] = __builtin_shufflevector(top, bottom, SAMI_UNPACK HI); \
+    }
+#define SAMI_UNPACK(...) __VA_ARGS__
+inline void transpose16(f32x16* a) {
+  SAMI_ROUND(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+             (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+  SAMI_ROUND(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+             (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+  SAMI_ROUND(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+             (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+  SAMI_ROUND(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+             (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+}
+#undef SAMI_ROUND
+#undef SAMI_UNPACK
+
+// rows (<= block <= 16) of x [rows, K] transposed into out [K, block], lanes past `rows` zero: 16 x 16 register
+// transposes. (A scalar loop took about 50 us for 16 x 576 floats: its loads 2304 bytes apart alias its stores.)
+void transpose_rows(const float* x, int64_t rows, int64_t K, int64_t block, float* out) {
+  int64_t k0 = 0;
+  for (; k0 + kWidth <= K; k0 += kWidth) {
+    f32x16 a[16] = {};
+    for (int64_t r = 0; r < rows; ++r) a[r] = load(x + r * K + k0);
+    transpose16(a);
+    for (int64_t i = 0; i < kWidth; ++i) std::memcpy(out + (k0 + i) * block, &a[i], block * sizeof(float));
+  }
+  for (; k0 < K; ++k0)
+    for (int64_t r = 0; r < block; ++r) out[k0 * block + r] = r < rows ? x[r * K + k0] : 0.0f;
+}
+
 // The smallest tile that covers `rows` (a decode step at batch 1 does not pay for 12 rows). Rows past
 // kRows (a one-pass block, one panel at a time) take the 16-row tile.
 template <int64_t NP, bool IN_L2>
@@ -116,6 +160,136 @@ void tile_rows(const float* xt, int64_t stride, int64_t K, const float* w, float
   return tile<kRows, NP, IN_L2>(xt, stride, K, w, y, N, col, rows);
 }
 
+// Weights that are exactly (q * d) + m in float32 for an 8-bit integer q and a float32 scale d and offset m per
+// 32 consecutive inputs of an output column (what GGUF's Q8_0, Q4_0/1 and Q5_0/1 dequantize to) are stored at
+// 1.25 bytes a weight instead of 4: panel p as K / 32 blocks of kBlockBytes, each the 16 columns' d [16]
+// and m [16] (float32), then q [32, 16] (int8, row k of the block's 16 columns). A decode step's products
+// stream these bytes from memory, and the rebuilt weights go into the same sums in the same order.
+constexpr int64_t kBlock = 32, kBlockBytes = 2 * kWidth * sizeof(float) + kBlock * kWidth;
+// Blocks (640 bytes) to prefetch ahead into L2 in a decode step: as far ahead, in time, as kPrefetchMemory
+// rows of a float32 panel.
+constexpr int64_t kPrefetchBlocks = 4;
+
+struct QBlock {
+  f32x16 d, m;
+  const int8_t* q;
+  explicit QBlock(const uint8_t* b) : d(load(reinterpret_cast<const float*>(b))),
+                                      m(load(reinterpret_cast<const float*>(b) + kWidth)),
+                                      q(reinterpret_cast<const int8_t*>(b + 2 * kWidth * sizeof(float))) {}
+  // Row kk's 16 weights: (q * d) + m rounded twice, as the float32 dequantization computes them (the barrier
+  // keeps the compiler from fusing the two into one FMA, which rounds once).
+  f32x16 row(int64_t kk) const {
+#ifdef __AVX512F__  // (GCC compiles the vector extensions' int8 -> float conversion to 16 scalar ones)
+    f32x16 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kk * kWidth))));
+#else
+    typedef int8_t i8x16 __attribute__((vector_size(16)));
+    i8x16 qi;
+    std::memcpy(&qi, q + kk * kWidth, sizeof qi);
+    f32x16 w = __builtin_convertvector(qi, f32x16);
+#endif
+    w *= d;
+#ifdef __AVX512F__
+    asm("" : "+v"(w));
+#else
+    asm("" : "+m"(w));
+#endif
+    return w + m;
+  }
+};
+
+// The block tile: y[:rows, col : col + 16] from the row block xt [K, stride] and one block-stored panel.
+template <int64_t ROWS>
+void qtile(const float* xt, int64_t stride, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t col,
+           int64_t rows) {
+  f32x16 acc[ROWS] = {};
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const uint8_t* ahead = w + (b + kPrefetchBlocks) * kBlockBytes;  // past the end is harmless
+    for (int64_t l = 0; l < kBlockBytes; l += 64) __builtin_prefetch(ahead + l, 0, 1);
+    const QBlock blk(w + b * kBlockBytes);
+    for (int64_t kk = 0; kk < kBlock; ++kk) {
+      const f32x16 wk = blk.row(kk);
+      const float* xk = xt + (b * kBlock + kk) * stride;
+      for (int64_t r = 0; r < ROWS; ++r) acc[r] += xk[r] * wk;
+    }
+  }
+  const int64_t n = std::min<int64_t>(kWidth, N - col);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * N + col, &acc[r], n * sizeof(float));
+}
+
+void qtile_rows(const float* xt, int64_t stride, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t col,
+                int64_t rows) {
+  const int64_t h = tile_height(rows);  // (an if chain: kRows may equal 4 or kOnePass)
+  if (h == 1) return qtile<1>(xt, stride, K, w, y, N, col, rows);
+  if (h == 2) return qtile<2>(xt, stride, K, w, y, N, col, rows);
+  if (h == 4) return qtile<4>(xt, stride, K, w, y, N, col, rows);
+  if (h == kRows) return qtile<kRows>(xt, stride, K, w, y, N, col, rows);
+  return qtile<kOnePass>(xt, stride, K, w, y, N, col, rows);
+}
+
+// Panels p0 .. p1 of block-stored weights rebuilt as float32 panels into out [p1 - p0, K, 16].
+void dequantize(const uint8_t* w, int64_t K, int64_t p0, int64_t p1, float* out) {
+  const int64_t panel_bytes = K / kBlock * kBlockBytes;
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t b = 0; b < K / kBlock; ++b) {
+      const QBlock blk(w + p * panel_bytes + b * kBlockBytes);
+      for (int64_t kk = 0; kk < kBlock; ++kk) {
+        const f32x16 wk = blk.row(kk);
+        std::memcpy(out + ((p - p0) * K + b * kBlock + kk) * kWidth, &wk, sizeof wk);
+      }
+    }
+}
+
+// The f16 value nearest x >= 0 (11 significant bits, none below 2^-24) and the spacing there: a guess at a
+// GGUF block's scale from a rebuilt weight.
+inline double nearest_f16(double x, double* spacing) {
+  int e;
+  std::frexp(x, &e);
+  *spacing = std::ldexp(1.0, std::max(e - 11, -24));
+  return std::nearbyint(x / *spacing) * *spacing;
+}
+
+// Finds d, m and q for column j of a block, whose 32 weights are v[kk * kWidth] (see pack_blocks): true if
+// some form rebuilds all 32 exactly.
+bool match_column(const float* v, float* d, float* m, int8_t* q) {
+  float lo = v[0], hi = v[0];
+  for (int64_t kk = 1; kk < kBlock; ++kk) lo = std::min(lo, v[kk * kWidth]), hi = std::max(hi, v[kk * kWidth]);
+  if (!std::isfinite(lo) || !std::isfinite(hi)) return false;
+  // GGUF's forms (see cpu_kernels.py): d * q + m for q in [0, n] (the smallest weight is m), or d * q for
+  // |q| <= 127 (the largest |weight| is n |d|).
+  struct Form { bool affine; int n; };
+  static constexpr Form kForms[] = {{true, 15}, {false, 127}, {false, 8}, {false, 16}, {true, 31}};
+  if (lo == hi) {  // a constant block (the zero padding of the last panel)
+    *d = 0.0f;
+    *m = lo;
+    for (int64_t kk = 0; kk < kBlock; ++kk) q[kk * kWidth] = 0;
+    return true;
+  }
+  for (const Form& f : kForms) {
+    const float base = f.affine ? lo : 0.0f;
+    const double span = f.affine ? static_cast<double>(hi) - lo : std::max(-static_cast<double>(lo), static_cast<double>(hi));
+    double step;
+    const double guess = nearest_f16(span / f.n, &step);
+    for (double cand : {guess, guess + step, guess - step}) {
+      const float dc = static_cast<float>(cand);
+      if (!(dc > 0.0f) || !std::isfinite(dc)) continue;
+      bool ok = true;
+      for (int64_t kk = 0; kk < kBlock && ok; ++kk) {
+        const float x = v[kk * kWidth];
+        const float qf = std::min<float>(std::max<float>(std::nearbyint((x - base) / dc), f.affine ? 0 : -128), f.affine ? f.n : 127);
+        volatile float prod = qf * dc;  // (volatile: two roundings, as the kernel's rebuild; never one FMA)
+        ok = prod + base == x;
+        q[kk * kWidth] = static_cast<int8_t>(qf);
+      }
+      if (ok) {
+        *d = dc;
+        *m = base;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
 constexpr int64_t kSlabBlocks = 8;  // row blocks per slab of a product with many rows
 // Weights per chunk. A decode step's (one slab) streams them from memory once: small chunks share the work out
 // evenly. A prefill's group of panels stays in each core's L2 while its slabs of rows go by, so that the rows
@@ -123,12 +297,16 @@ constexpr int64_t kSlabBlocks = 8;  // row blocks per slab of a product with man
 // prefetched into L2 only, SmolLM2's prefill of 16 x 128 tokens took about 5% longer).
 constexpr int64_t kStreamGroupBytes = 256 << 10, kSlabGroupBytes = 1 << 20;
 
+std::atomic<uint64_t> next_job_id{1};
+
 // One product, shared by the threads that take chunks (a slab of rows x a group of panels) from it. Each
 // slab of x is transposed into row blocks by the first thread that needs it.
 struct Job {
   const float* x = nullptr;
-  const float* w = nullptr;
+  const float* w = nullptr;    // float32 panels, or
+  const uint8_t* wq = nullptr;  // block-stored ones
   float* y = nullptr;
+  uint64_t id = next_job_id.fetch_add(1, std::memory_order_relaxed);
   int64_t R = 0, K = 0, N = 0, P = 0, block = 0, slab = 0, slabs = 0, group = 0, chunks = 0;
   std::vector<float> xt;                         // x as row blocks [blocks, K, block], zero-padded
   std::unique_ptr<std::atomic<int>[]> state;     // per slab: 0 to do, 1 being transposed, 2 ready
@@ -137,8 +315,8 @@ struct Job {
     float* out = xt.data() + s * slab * K;
     int expected = 0;
     if (state[s].compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
-      for (int64_t r = s * slab; r < std::min(R, (s + 1) * slab); ++r)
-        for (int64_t k = 0; k < K; ++k) xt[(r / block) * K * block + k * block + r % block] = x[r * K + k];
+      for (int64_t r0 = s * slab; r0 < std::min(R, (s + 1) * slab); r0 += block)  // each row block [K, block]
+        transpose_rows(x + r0 * K, std::min(block, R - r0), K, block, xt.data() + r0 * K);
       state[s].store(2, std::memory_order_release);
     } else {
       while (state[s].load(std::memory_order_acquire) != 2) std::this_thread::yield();
@@ -153,31 +331,52 @@ struct Job {
   void run(int64_t c) {
     const int64_t p0 = c / slabs * group, p1 = std::min(P, p0 + group), s = c % slabs;
     const float* xs = slab_xt(s);
+    const float* wg = w + p0 * K * kWidth;  // the group's float32 panels
+    if (wq != nullptr) {
+      if (R <= kOnePass) {  // a decode step (one block of rows): the blocks stream from memory once
+        for (int64_t p = p0; p < p1; ++p)
+          qtile_rows(xs, block, K, wq + p * (K / kBlock * kBlockBytes), y, N, p * kWidth, R);
+        return;
+      }
+      wg = rebuilt_group(c / slabs, p0, p1);
+    }
     for (int64_t r0 = s * slab; r0 < std::min(R, (s + 1) * slab); r0 += block) {
       const int64_t rows = std::min(block, R - r0);
       const float* xb = xs + (r0 - s * slab) * K;
       int64_t p = p0;
       for (; rows <= kRows && p + kPanels <= p1; p += kPanels)
-        tile_rows<kPanels, IN_L2>(xb, block, K, w + p * K * kWidth, y + r0 * N, N, p * kWidth, rows);
-      for (; p < p1; ++p) tile_rows<1, IN_L2>(xb, block, K, w + p * K * kWidth, y + r0 * N, N, p * kWidth, rows);
+        tile_rows<kPanels, IN_L2>(xb, block, K, wg + (p - p0) * K * kWidth, y + r0 * N, N, p * kWidth, rows);
+      for (; p < p1; ++p)
+        tile_rows<1, IN_L2>(xb, block, K, wg + (p - p0) * K * kWidth, y + r0 * N, N, p * kWidth, rows);
     }
+  }
+
+  // A group of block-stored panels for more rows than one tile, rebuilt as float32 panels into this thread's
+  // buffer once for all of its slabs that the thread takes (consecutive chunks share a group).
+  const float* rebuilt_group(int64_t g, int64_t p0, int64_t p1) {
+    thread_local std::vector<float> buf;
+    thread_local uint64_t buf_job = 0;
+    thread_local int64_t buf_group = -1;
+    if (buf_job != id || buf_group != g) {
+      buf.resize(group * K * kWidth);
+      dequantize(wq, K, p0, p1, buf.data());
+      buf_job = id;
+      buf_group = g;
+    }
+    return buf.data();
   }
 };
 
-ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kWidth || wd[1] != xd[1] ||
-      yd[0] != xd[0] || yd[1] > wd[0] * kWidth) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "sami_panel_matmul: want x [R, K], w [P, K, 16] and y [R, N] with N <= 16 P");
-  }
-  const int64_t R = xd[0], K = xd[1], N = yd[1];
-  if (R == 0 || N == 0) return ffi::Error::Success();
+// Shares one product out over the pool: x [R, K] times the weights (float32 panels w, or block-stored wq) into
+// y [R, N].
+void product(ffi::ThreadPool& pool, const float* x, const float* w, const uint8_t* wq, float* y, int64_t R,
+             int64_t K, int64_t N) {
+  if (R == 0 || N == 0) return;
   auto job = std::make_unique<Job>();
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
+  job->x = x;
+  job->w = w;
+  job->wq = wq;
+  job->y = y;
   job->R = R;
   job->K = K;
   job->N = N;
@@ -190,10 +389,35 @@ ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   job->xt.assign(job->slabs * slab * K, 0.0f);
   job->state.reset(new std::atomic<int>[job->slabs]);
   for (int64_t i = 0; i < job->slabs; ++i) job->state[i].store(0, std::memory_order_relaxed);
+  // (Groups are sized by their float32 panels; block-stored ones stream 3.2x fewer bytes in the same chunks.)
   const int64_t group_bytes = job->slabs > 1 ? kSlabGroupBytes : kStreamGroupBytes;
   job->group = std::max<int64_t>(kPanels, group_bytes / (K * kWidth * sizeof(float)) / kPanels * kPanels);
   job->chunks = (P + job->group - 1) / job->group * job->slabs;
   parallel_for(pool, job->chunks, [j = job.get()](int64_t c) { j->chunk(c); });
+}
+
+ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kWidth || wd[1] != xd[1] ||
+      yd[0] != xd[0] || yd[1] > wd[0] * kWidth) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "sami_panel_matmul: want x [R, K], w [P, K, 16] and y [R, N] with N <= 16 P");
+  }
+  product(pool, x.typed_data(), w.typed_data(), nullptr, y->typed_data(), xd[0], xd[1], yd[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] % kBlock != 0 ||
+      wd[1] != xd[1] / kBlock * kBlockBytes || yd[0] != xd[0] || yd[1] > wd[0] * kWidth) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "sami_block_matmul: want x [R, K] (K a multiple of 32), w [P, K / 32 * 640] uint8 and "
+                      "y [R, N] with N <= 16 P");
+  }
+  product(pool, x.typed_data(), nullptr, w.typed_data(), y->typed_data(), xd[0], xd[1], yd[1]);
   return ffi::Error::Success();
 }
 
@@ -597,6 +821,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_panel_matmul, PanelMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_block_matmul, BlockMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_attention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -612,3 +843,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_top_p_threshold, TopPThreshold,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("top_p")
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+// Float32 panels [P, K, 16] stored as blocks (cpu_kernels.pack_blocks) into out [P, K / 32 * kBlockBytes]:
+// returns 1, or 0 as soon as a column of a block matches no form (out is then partly written). K % 32 == 0.
+extern "C" int sami_pack_blocks(const float* panels, int64_t P, int64_t K, uint8_t* out) {
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t b = 0; b < K / kBlock; ++b) {
+      const float* v = panels + (p * K + b * kBlock) * kWidth;
+      uint8_t* o = out + (p * (K / kBlock) + b) * kBlockBytes;
+      float d[kWidth], m[kWidth];
+      int8_t* q = reinterpret_cast<int8_t*>(o + 2 * kWidth * sizeof(float));
+      for (int64_t j = 0; j < kWidth; ++j)
+        if (!match_column(v + j, d + j, m + j, q + j)) return 0;
+      std::memcpy(o, d, sizeof d);
+      std::memcpy(o + sizeof d, m, sizeof m);
+      const QBlock blk(o);  // the kernel's own rebuild, checked bit for bit (+0 and -0 alike)
+      for (int64_t kk = 0; kk < kBlock; ++kk) {
+        const f32x16 w = blk.row(kk);
+        for (int64_t j = 0; j < kWidth; ++j)
+          if (!(w[j] == v[kk * kWidth + j])) return 0;
+      }
+    }
+  return 1;
+}

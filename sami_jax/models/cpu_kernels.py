@@ -41,8 +41,12 @@ import numpy as np
 TARGET = "sami_panel_matmul"
 ATTENTION_TARGET = "sami_attention"
 TOP_P_TARGET = "sami_top_p_threshold"
+BLOCK_TARGET = "sami_block_matmul"
 WIDTH = 16  # output columns per panel
+BLOCK = 32  # inputs per block of a block-stored panel (`pack_blocks`)
+BLOCK_BYTES = 2 * WIDTH * 4 + BLOCK * WIDTH  # its 16 columns' float32 scales and offsets, then int8 [32, 16]
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+_lib = None  # the loaded library (`load`), for `pack_blocks`
 
 
 def _cpu_flags() -> set[str]:
@@ -98,12 +102,15 @@ def load() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        for target in (TARGET, ATTENTION_TARGET, TOP_P_TARGET):
+        for target in (TARGET, BLOCK_TARGET, ATTENTION_TARGET, TOP_P_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+        lib.sami_pack_blocks.restype = ctypes.c_int
     except (OSError, RuntimeError, AttributeError) as e:
         warnings.warn(f"sami_jax: the CPU kernels did not build or load, the sampler uses XLA's ops: {e}",
                       stacklevel=2)
         return False
+    global _lib
+    _lib = lib
     return True
 
 
@@ -126,9 +133,28 @@ def pack(w_nk: jax.Array) -> jax.Array:
 
 
 def matmul(x_rk: jax.Array, panels: jax.Array, n: int) -> jax.Array:
-    """x [R, K] float32 times W^T, for the [n, K] weight W that `pack` made `panels`: [R, n] float32.
-    Needs `load()` to have succeeded; CPU only."""
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_rk.shape[0], n), jnp.float32))(x_rk, panels)
+    """x [R, K] float32 times W^T, for the [n, K] weight W that `pack` made `panels` (float32) or `pack_blocks`
+    stored as blocks (uint8; the same output bits): [R, n] float32. Needs `load()` to have succeeded; CPU only."""
+    target = BLOCK_TARGET if panels.dtype == jnp.uint8 else TARGET
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x_rk.shape[0], n), jnp.float32))(x_rk, panels)
+
+
+def pack_blocks(panels) -> np.ndarray | None:
+    """Float32 panels [P, K, 16] (`pack`) stored as blocks for `matmul`, where every weight is exactly
+    (q * d) + m in float32 for an 8-bit integer q and, per column and 32 consecutive inputs, a scale d and an
+    offset m: what GGUF's Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights dequantize to (a float16 d, and m = 0 or a
+    float16 m). uint8 [P, K / 32 * 640] (per block: d [16] and m [16] float32, then q [32, 16] int8), 1.25
+    bytes a weight; None if K is not a multiple of 32 or some weight is not of that form (found at the first
+    such block: trained weights cost next to nothing). Each block is checked by rebuilding its weights as the
+    kernel does, so `matmul` then gives the same bits as with the float32 panels. Needs `load()`."""
+    w = np.ascontiguousarray(np.asarray(panels, np.float32))
+    p, k, width = w.shape
+    if k % BLOCK or width != WIDTH or _lib is None:
+        return None
+    out = np.empty((p, k // BLOCK * BLOCK_BYTES), np.uint8)
+    ok = _lib.sami_pack_blocks(w.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(p), ctypes.c_int64(k),
+                               out.ctypes.data_as(ctypes.c_void_p))
+    return out if ok else None
 
 
 def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:

@@ -6,8 +6,10 @@ with `lax.scan` (one compiled layer whatever the depth) under a configurable rem
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import os
 from collections.abc import Sequence
 
 import flax.struct
@@ -95,7 +97,8 @@ class OutIn:
     (`split_layers(out_in=True)`; the sampler's per-layer layout, see `_matmuls_out_in`). With `outs`,
     w [sum of the outputs' sizes, in] holds several projections of the same input, one after another, and
     the product is split into outputs of these shapes. With `panels`, w is that [out, in] weight packed
-    for `cpu_kernels.matmul` ([ceil(out / 16), in, 16], `split_layers(panels=True)`), and `outs` is set."""
+    for `cpu_kernels.matmul` ([ceil(out / 16), in, 16] float32, or uint8 blocks from `pack_blocks`;
+    `split_layers(panels=True)`), and `outs` is set."""
 
     w: jax.Array
     outs: tuple[tuple[int, ...], ...] | None = flax.struct.field(pytree_node=False, default=None)
@@ -354,7 +357,10 @@ def split_layers(params, out_in: bool = False, panels: bool = False):
 
     panels (implies out_in; float32 params on one CPU device, with `cpu_kernels.load()` done): each `OutIn`
     packed as panels for `cpu_kernels.matmul`; the vocab projection of tied embeddings is then a packed copy
-    of the table (113 MB for SmolLM2-135M)."""
+    of the table (113 MB for SmolLM2-135M). Where a weight's values are exactly those of a GGUF quantized type
+    (`cpu_kernels.pack_blocks`: Q8_0, Q4_0/1, Q5_0/1 files, before any training), its panels are stored as
+    8-bit blocks instead: 1.25 bytes a weight for 4, the same products to the bit (SmolLM2-135M's Q4_1/Q8_0
+    GGUF: all 121 weights, 538 -> 168 MB, a batch-16 decode step's products 40 -> 29 ms on 2 cores)."""
     out_in = out_in or panels
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
@@ -415,7 +421,20 @@ def split_layers(params, out_in: bool = False, panels: bool = False):
         head = params["embed_tokens"] if "lm_head" not in params else jax.jit(lambda w: w.T)(params["lm_head"])
         out["lm_head"] = OutIn(jax.jit(cpu_kernels.pack)(head), ((head.shape[0],),), panels=True) if panels \
             else OutIn(head)
+    if panels:
+        out = _panels_as_blocks(out)
     return out
+
+
+def _panels_as_blocks(params):
+    """params with each panel `OutIn` whose weights `cpu_kernels.pack_blocks` can store as blocks replaced
+    by the blocks (packed on threads of their own: the packer releases the GIL)."""
+    is_panels = lambda w: isinstance(w, OutIn) and w.panels
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_panels)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        blocks = list(pool.map(lambda w: cpu_kernels.pack_blocks(w.w) if is_panels(w) else None, leaves))
+    return jax.tree.unflatten(treedef, [w if b is None else OutIn(jax.device_put(b, w.w.sharding), w.outs, panels=True)
+                                        for w, b in zip(leaves, blocks, strict=True)])
 
 
 def forward_cached(params, tokens_bt: jax.Array, config: ModelConfig, cache: KVCache, start: jax.Array, *,
