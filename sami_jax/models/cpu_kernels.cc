@@ -176,24 +176,19 @@ struct QBlock {
   explicit QBlock(const uint8_t* b) : d(load(reinterpret_cast<const float*>(b))),
                                       m(load(reinterpret_cast<const float*>(b) + kWidth)),
                                       q(reinterpret_cast<const int8_t*>(b + 2 * kWidth * sizeof(float))) {}
-  // Row kk's 16 weights: (q * d) + m rounded twice, as the float32 dequantization computes them (the barrier
-  // keeps the compiler from fusing the two into one FMA, which rounds once).
+  // Row kk's 16 weights, (q * d) + m. pack_blocks keeps d to 16 significant bits, so q * d is exact and one
+  // FMA rounds as the float32 dequantization's multiply and add do.
   f32x16 row(int64_t kk) const {
 #ifdef __AVX512F__  // (GCC compiles the vector extensions' int8 -> float conversion to 16 scalar ones)
-    f32x16 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kk * kWidth))));
+    return _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kk * kWidth)))),
+        d, m);
 #else
     typedef int8_t i8x16 __attribute__((vector_size(16)));
     i8x16 qi;
     std::memcpy(&qi, q + kk * kWidth, sizeof qi);
-    f32x16 w = __builtin_convertvector(qi, f32x16);
+    return __builtin_convertvector(qi, f32x16) * d + m;
 #endif
-    w *= d;
-#ifdef __AVX512F__
-    asm("" : "+v"(w));
-#else
-    asm("" : "+m"(w));
-#endif
-    return w + m;
   }
 };
 
@@ -271,12 +266,14 @@ bool match_column(const float* v, float* d, float* m, int8_t* q) {
     const double guess = nearest_f16(span / f.n, &step);
     for (double cand : {guess, guess + step, guess - step}) {
       const float dc = static_cast<float>(cand);
-      if (!(dc > 0.0f) || !std::isfinite(dc)) continue;
+      uint32_t bits;
+      std::memcpy(&bits, &dc, sizeof bits);
+      if (!(dc > 0.0f) || !std::isfinite(dc) || (bits & 0xFF)) continue;  // (QBlock::row needs 16 bits at most)
       bool ok = true;
       for (int64_t kk = 0; kk < kBlock && ok; ++kk) {
         const float x = v[kk * kWidth];
         const float qf = std::min<float>(std::max<float>(std::nearbyint((x - base) / dc), f.affine ? 0 : -128), f.affine ? f.n : 127);
-        volatile float prod = qf * dc;  // (volatile: two roundings, as the kernel's rebuild; never one FMA)
+        volatile float prod = qf * dc;  // (volatile: two roundings, as the float32 dequantization)
         ok = prod + base == x;
         q[kk * kWidth] = static_cast<int8_t>(qf);
       }
