@@ -1,6 +1,6 @@
 """The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`): the panel matmul (float32 panels, and GGUF-quantized
-weights stored as blocks), the attention and the top-p threshold, against numpy in float64; their switch and
-their fallback when they cannot build."""
+weights stored as blocks), the attention, the top-p threshold and argmax, against numpy (float64 where it
+sums); their switch and their fallback when they cannot build."""
 
 import shutil
 
@@ -91,6 +91,23 @@ def test_block_matmul_rejects_mismatched_shapes():
     x, blocks = jnp.ones((2, 64)), jnp.zeros((1, 640), jnp.uint8)  # K 64 needs 2 blocks of 640 bytes a panel
     with pytest.raises(Exception, match="sami_block_matmul: want x"):
         jax.block_until_ready(cpu_kernels.matmul(x, blocks, 16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("v", [1, 7, 16, 49152 + 5])
+def test_argmax_equals_numpy(v):
+    """Rows of random values, ties (the first index wins), all -inf, NaNs (the first NaN wins, as jnp.argmax),
+    against numpy's argmax, whose answers for ties and NaN are the same."""
+    assert cpu_kernels.load()
+    rng = np.random.default_rng(v)
+    x = rng.standard_normal((6, v), dtype=np.float32)
+    x[1] = np.float32(3.0) * (rng.random(v) < 0.5)  # many ties at the top
+    x[2] = -np.inf
+    x[3, [v // 2, v - 1]] = np.nan
+    x[4, [v - 1, v // 3]] = [np.float32(9.0), np.float32(9.0)]
+    x[5] = 0.0
+    got = np.asarray(jax.jit(cpu_kernels.argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=1))
 
 
 def test_switch(monkeypatch):
