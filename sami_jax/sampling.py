@@ -164,8 +164,10 @@ class Sampler:
     a 1.1B model's top-p run 3% faster in an A/B run. None: whenever per_layer.
     panels: the out_in weights packed for the CPU panel matmul (`models/cpu_kernels`, `split_layers(panels=True)`),
     which streams a decode step's weights about 1.7x faster than XLA's CPU GEMM at 16 rows and matches it on
-    a prefill. None: with out_in, on float32 params held by one CPU device, where `cpu_kernels.enabled()`.
-    With panels, attention (prefill and decode) and top-p's threshold search run through `cpu_kernels` too.
+    a prefill; weights whose values are exactly GGUF-dequantized ones go as 8-bit blocks (the same output
+    bits, 3.2x fewer bytes a step). None: with out_in, on float32 params held by one CPU device, where
+    `cpu_kernels.enabled()`. With panels, attention (prefill and decode), top-p's threshold search and greedy's
+    argmax run through `cpu_kernels` too.
     prefill_attention: how the prompt tokens attend among themselves (`forward_cached`): "einsum", or flash
     attention, "cudnn" or "xla". None: "cudnn" on a GPU with bf16/fp16 weights (the einsum stores float32
     scores, [256, 32, 256, 256] per layer for 256 prompts of 256 tokens: about 92 of a 305 ms prefill on an
