@@ -227,7 +227,10 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------ compile
     def _fn(self, key: tuple, make: Callable, *args):
-        """The executable for `key` (settings and shapes), lowered and compiled once and timed apart."""
+        """The executable for `key` (settings and shapes) and the params' layout (args[0]: new `params` may be
+        stored otherwise, e.g. float32 panels after 8-bit blocks once training has changed the weights),
+        lowered and compiled once and timed apart."""
+        key = (*key, jax.tree.structure(args[0]), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[0])))
         if key not in self._compiled:
             start = time.perf_counter()
             self._compiled[key] = make().lower(*args).compile()

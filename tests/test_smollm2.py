@@ -1,6 +1,8 @@
 """The real SmolLM2-135M-Instruct (GGUF, Q4_1) against transformers' own GGUF load, on real
 HH-RLHF dialogues in one left-padded batch."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +92,29 @@ def test_greedy_equals_hf_generate_on_real_prompts(smollm2, smollm2_transformers
         assert r.token_ids == expected
         assert r.finish_reason == ("eos" if len(expected) < 64 else "length")
         assert r.text == tok.decode(expected)
+
+
+def test_sampler_follows_new_params_from_blocks_to_float32_panels(smollm2, hh_texts):
+    """SAMI's loop samples from the GGUF weights (8-bit blocks where the kernels run), then from trained ones,
+    which have no quantized form (float32 panels): the same sampler recompiles for them and gives what a new
+    sampler gives."""
+    from sami_jax.sampling import Sampler, SamplingParams
+
+    def storage(sampler):
+        return {w.w.dtype for w in jax.tree.leaves(sampler.run_params(), is_leaf=_is_out_in) if _is_out_in(w)}
+
+    prompts, sp = _hh_prompts(hh_texts, 2), SamplingParams(max_new_tokens=8)
+    sampler = Sampler(smollm2)
+    sampler.generate(prompts, sp)
+    if cpu_kernels.enabled():
+        assert storage(sampler) == {jnp.dtype(jnp.uint8)}
+    trained = jax.tree.map(lambda a: a * np.float32(1.001) if a.ndim > 1 else a, smollm2.params)
+    sampler.params = trained
+    got = sampler.generate(prompts, sp)
+    if cpu_kernels.enabled():
+        assert storage(sampler) == {jnp.dtype(jnp.float32)}
+    fresh = Sampler(dataclasses.replace(smollm2, params=trained)).generate(prompts, sp)
+    assert [g.token_ids for g in got] == [g.token_ids for g in fresh]
 
 
 def test_stop_strings_cut_the_text(smollm2, hh_texts):
