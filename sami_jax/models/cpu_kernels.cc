@@ -251,8 +251,8 @@ bool match_column(const float* v, float* d, float* m, int8_t* q) {
   float lo = v[0], hi = v[0];
   for (int64_t kk = 1; kk < kBlock; ++kk) lo = std::min(lo, v[kk * kWidth]), hi = std::max(hi, v[kk * kWidth]);
   if (!std::isfinite(lo) || !std::isfinite(hi)) return false;
-  // GGUF's forms (see cpu_kernels.py): d * q + m for q in [0, n] (the smallest weight is m), or d * q for
-  // |q| <= 127 (the largest |weight| is n |d|).
+  // GGUF's forms, as gguf.quants dequantizes them: d * q + m for q in [0, n] (Q4_1: n = 15, Q5_1: 31; the
+  // smallest weight is m), or d * q for |q| <= 127 whose largest |q| is n (Q8_0: 127; Q4_0, Q5_0: 8, 16).
   struct Form { bool affine; int n; };
   static constexpr Form kForms[] = {{true, 15}, {false, 127}, {false, 8}, {false, 16}, {true, 31}};
   if (lo == hi) {  // a constant block (the zero padding of the last panel)
