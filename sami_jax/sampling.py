@@ -128,7 +128,7 @@ def _draw(key: jax.Array, x_bv: jax.Array) -> jax.Array:
 
 def pick_tokens(key: jax.Array, logits_bv: jax.Array, sp: SamplingParams, cpu_kernel: bool = False) -> jax.Array:
     if sp.temperature == 0:
-        if cpu_kernel and logits_bv.dtype == jnp.float32:
+        if cpu_kernel:
             return cpu_kernels.argmax(logits_bv)
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     return _draw(key, process_logits(logits_bv, sp.temperature, sp.top_k, sp.top_p, cpu_kernel))

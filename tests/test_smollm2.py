@@ -14,8 +14,10 @@ from sami_jax.models import cpu_kernels
 from sami_jax.models.transformer import OutIn
 
 
-def _is_out_in(w) -> bool:
-    return isinstance(w, OutIn)
+def _weight_storage(sampler) -> set:
+    """The dtypes of the sampler's projection weights: float32 panels, or uint8 8-bit blocks."""
+    is_out_in = lambda w: isinstance(w, OutIn)
+    return {w.w.dtype for w in jax.tree.leaves(sampler.run_params(), is_leaf=is_out_in) if is_out_in(w)}
 
 N_TEXTS, MAX_TOKENS = 8, 96
 
@@ -76,8 +78,7 @@ def test_greedy_equals_hf_generate_on_real_prompts(smollm2, smollm2_transformers
     sampler = Sampler(smollm2)
     ours = sampler.generate(prompts, SamplingParams(max_new_tokens=64))
     if cpu_kernels.enabled():  # then every weight of this Q4_1/Q8_0 GGUF runs as 8-bit blocks
-        assert all(w.w.dtype == jnp.uint8 for w in jax.tree.leaves(sampler.run_params(), is_leaf=_is_out_in)
-                   if _is_out_in(w))
+        assert _weight_storage(sampler) == {jnp.dtype(jnp.uint8)}
     tok = smollm2.tokenizer
     ids = [tok.encode(p) for p in prompts]
     assert len({len(i) for i in ids}) > 4
@@ -100,19 +101,16 @@ def test_sampler_follows_new_params_from_blocks_to_float32_panels(smollm2, hh_te
     sampler gives."""
     from sami_jax.sampling import Sampler, SamplingParams
 
-    def storage(sampler):
-        return {w.w.dtype for w in jax.tree.leaves(sampler.run_params(), is_leaf=_is_out_in) if _is_out_in(w)}
-
     prompts, sp = _hh_prompts(hh_texts, 2), SamplingParams(max_new_tokens=8)
     sampler = Sampler(smollm2)
     sampler.generate(prompts, sp)
     if cpu_kernels.enabled():
-        assert storage(sampler) == {jnp.dtype(jnp.uint8)}
+        assert _weight_storage(sampler) == {jnp.dtype(jnp.uint8)}
     trained = jax.tree.map(lambda a: a * np.float32(1.001) if a.ndim > 1 else a, smollm2.params)
     sampler.params = trained
     got = sampler.generate(prompts, sp)
     if cpu_kernels.enabled():
-        assert storage(sampler) == {jnp.dtype(jnp.float32)}
+        assert _weight_storage(sampler) == {jnp.dtype(jnp.float32)}
     fresh = Sampler(dataclasses.replace(smollm2, params=trained)).generate(prompts, sp)
     assert [g.token_ids for g in got] == [g.token_ids for g in fresh]
 

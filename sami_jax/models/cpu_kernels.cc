@@ -330,15 +330,12 @@ struct Job {
   void run(int64_t c) {
     const int64_t p0 = c / slabs * group, p1 = std::min(P, p0 + group), s = c % slabs;
     const float* xs = slab_xt(s);
-    const float* wg = w + p0 * K * kWidth;  // the group's float32 panels
-    if (wq != nullptr) {
-      if (R <= kOnePass) {  // a decode step (one block of rows): the blocks stream from memory once
-        for (int64_t p = p0; p < p1; ++p)
-          qtile_rows(xs, block, K, wq + p * (K / kBlock * kBlockBytes), y, N, p * kWidth, R);
-        return;
-      }
-      wg = rebuilt_group(c / slabs, p0, p1);
+    if (wq != nullptr && R <= kOnePass) {  // a decode step (one block of rows): the blocks stream from memory once
+      for (int64_t p = p0; p < p1; ++p)
+        qtile_rows(xs, block, K, wq + p * (K / kBlock * kBlockBytes), y, N, p * kWidth, R);
+      return;
     }
+    const float* wg = wq == nullptr ? w + p0 * K * kWidth : rebuilt_group(p0, p1);  // the group's float32 panels
     for (int64_t r0 = s * slab; r0 < std::min(R, (s + 1) * slab); r0 += block) {
       const int64_t rows = std::min(block, R - r0);
       const float* xb = xs + (r0 - s * slab) * K;
@@ -352,15 +349,15 @@ struct Job {
 
   // A group of block-stored panels for more rows than one tile, rebuilt as float32 panels into this thread's
   // buffer once for all of its slabs that the thread takes (consecutive chunks share a group).
-  const float* rebuilt_group(int64_t g, int64_t p0, int64_t p1) {
+  const float* rebuilt_group(int64_t p0, int64_t p1) {
     thread_local std::vector<float> buf;
     thread_local uint64_t buf_job = 0;
-    thread_local int64_t buf_group = -1;
-    if (buf_job != id || buf_group != g) {
+    thread_local int64_t buf_p0 = -1;
+    if (buf_job != id || buf_p0 != p0) {
       buf.resize(group * K * kWidth);
       dequantize(wq, K, p0, p1, buf.data());
       buf_job = id;
-      buf_group = g;
+      buf_p0 = p0;
     }
     return buf.data();
   }
