@@ -15,13 +15,24 @@ needs_kernel = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++"
                                   reason="no C++ compiler (g++ or c++) to build the CPU panel matmul")
 
 
+@pytest.fixture(params=[False, True], ids=["float32", "amx"])
+def amx(request):
+    """Products of more than 16 rows on the float32 tile, then on AMX (skipped where there is none)."""
+    assert cpu_kernels.load()
+    before = cpu_kernels.amx()
+    if request.param and not cpu_kernels.amx(True):
+        pytest.skip("no AMX here (CPU flags amx_bf16/amx_tile, a kernel build with them, and Linux's grant)")
+    cpu_kernels.amx(request.param)
+    yield request.param
+    cpu_kernels.amx(before)
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows,k,n", [(1, 576, 3072), (3, 37, 50), (12, 64, 1000), (13, 64, 17), (16, 576, 3072),
-                                      (17, 40, 33), (40, 128, 300), (300, 96, 96), (0, 8, 8)])
-def test_panel_matmul_equals_numpy(rows, k, n):
-    """Row counts on either side of each tile size (1, 2, 4, 12, 16) and output widths that leave part of a
-    panel, or an odd panel, over; zero rows."""
-    assert cpu_kernels.load()
+                                      (17, 40, 33), (40, 128, 300), (300, 96, 96), (0, 8, 8), (150, 600, 70)])
+def test_panel_matmul_equals_numpy(rows, k, n, amx):
+    """Row counts on either side of each tile size (1, 2, 4, 12, 16; AMX's 16 and 32 and its slab of 128) and
+    output widths that leave part of a panel, or an odd panel, over; K not a multiple of 32; zero rows."""
     rng = np.random.default_rng(rows * 7 + n)
     x = rng.standard_normal((rows, k), dtype=np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32)  # [out, in]
@@ -53,11 +64,10 @@ def _gguf_weights(qtype_name: str, n: int, k: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 @pytest.mark.parametrize("rows,k,n", [(1, 64, 50), (3, 96, 1000), (13, 32, 17), (16, 576, 300), (17, 64, 33),
                                       (300, 96, 96)])
-def test_block_matmul_equals_numpy_and_panels(qtype, rows, k, n):
+def test_block_matmul_equals_numpy_and_panels(qtype, rows, k, n, amx):
     """GGUF-quantized weights stored as 8-bit blocks: found by pack_blocks for each quantized type, a product
     within float32 rounding of float64 numpy, and bit for bit the float32 panels' product (the same sums in the
     same order), for a decode step's rows (one tile), a partial tile and a prefill's (blocks rebuilt)."""
-    assert cpu_kernels.load()
     w = _gguf_weights(qtype, n, k, seed=rows + n)
     x = np.random.default_rng(rows).standard_normal((rows, k), dtype=np.float32)
     panels = jax.jit(cpu_kernels.pack)(jnp.asarray(w))

@@ -24,11 +24,17 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AMX_BF16__) && defined(__linux__)
+#define SAMI_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -289,6 +295,151 @@ bool match_column(const float* v, float* d, float* m, int8_t* q) {
   return false;
 }
 
+
+// Products of many rows (a prefill's) on AMX, where the CPU has it: y = x W as six bf16 tile products. Each
+// float32 is split exactly into three bf16 pieces, x = x0 + x1 + x2 and w = w0 + w1 + w2 (8 significant bits
+// each), and y sums the six products xi wj with i + j <= 2: every piece product is exact in float32 and the
+// three dropped ones are below 2^-23 of x w, so y is a float32 sum of the same terms to float32's rounding (the
+// float32 tile's error, not bf16's: tests check it against float64). A non-finite x or w gives NaN there.
+// An AMX tile product (16 x 16 outputs over 32 inputs) takes about as long as 16 rows x 16 columns x 2 inputs
+// of float32 FMAs, so the six run about 2.7x the float32 tile's rate at best. Used only for more rows than one
+// pass (kOnePass): a decode step's products stream their weights once and are bound by memory or the rebuild.
+#ifdef SAMI_AMX
+constexpr int64_t kTileRows = 16, kTileK = 32, kTileElems = kTileRows * kTileK;  // bf16 per tile (1 KB)
+constexpr int64_t kPieces = 3;
+constexpr int64_t kAmxSlabRows = 128;                // rows per slab (their pieces: 128 x K x 6 bytes)
+constexpr int64_t kAmxGroupBytes = 768 << 10;        // a group's weight pieces
+
+std::atomic<bool> amx_on{true};  // sami_amx(0) turns the AMX path off (tests compare the two)
+
+// Whether this process may use AMX: Linux grants the tile state on request, once per process.
+bool amx_ready() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted && amx_on.load(std::memory_order_relaxed);
+}
+
+// Every tile 16 rows of 64 bytes. Loaded at each chunk: another library's code may have run on this pool thread.
+void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int i = 0; i < 8; ++i) config.colsb[i] = 64, config.rows[i] = kTileRows;
+  _tile_loadconfig(&config);
+}
+
+// 16 floats split exactly into three bf16 pieces, each in its lanes' top 16 bits (the low 16 zero).
+inline void split3(__m512 x, __m512i* piece) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i hi = _mm512_and_si512(_mm512_castps_si512(x), top);
+  const __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(hi));  // exact: x's low 16 bits
+  const __m512i mid = _mm512_and_si512(_mm512_castps_si512(r), top);
+  piece[0] = hi;
+  piece[1] = mid;
+  piece[2] = _mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(mid)));  // exact, 8 bits at most
+}
+
+// An aligned buffer of bf16 tiles (tile loads of lines split across cache lines ran at half speed).
+struct TileBuffer {
+  uint16_t* data = nullptr;
+  int64_t size = 0;
+  ~TileBuffer() { std::free(data); }
+  uint16_t* get(int64_t n) {
+    if (n > size) {
+      std::free(data);
+      data = static_cast<uint16_t*>(std::aligned_alloc(64, ((n * 2 + 63) / 64) * 64));
+      size = n;
+    }
+    return data;
+  }
+};
+
+// Buffers of finished products kept for the next ones: a fresh allocation of megabytes is mapped anew and pays
+// a page fault at each first touch of 4 KB (about 3 ms for a prefill product's 12 MB of pieces).
+std::mutex spare_mutex;
+std::vector<std::unique_ptr<TileBuffer>> spare_buffers;
+
+struct PooledBuffer {
+  std::unique_ptr<TileBuffer> buf;
+  PooledBuffer() {
+    std::lock_guard<std::mutex> lock(spare_mutex);
+    if (spare_buffers.empty()) {
+      buf = std::make_unique<TileBuffer>();
+    } else {
+      buf = std::move(spare_buffers.back());
+      spare_buffers.pop_back();
+    }
+  }
+  ~PooledBuffer() {
+    std::lock_guard<std::mutex> lock(spare_mutex);
+    spare_buffers.push_back(std::move(buf));
+  }
+  uint16_t* get(int64_t n) { return buf->get(n); }
+};
+
+// rows (<= 16) of x [rows, K] as A tiles out [KC][3][16 rows][32 inputs], zero past `rows` and K.
+void split_rows(const float* x, int64_t rows, int64_t K, uint16_t* out) {
+  const int64_t KC = (K + kTileK - 1) / kTileK;
+  for (int64_t r = 0; r < kTileRows; ++r)
+    for (int64_t k = 0; k < KC * kTileK; k += kWidth) {
+      const int64_t n = r < rows ? std::clamp<int64_t>(K - k, 0, kWidth) : 0;
+      __m512i piece[kPieces];
+      split3(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x + r * K + k), piece);
+      for (int64_t i = 0; i < kPieces; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ((k / kTileK) * kPieces + i) * kTileElems + r * kTileK +
+                                                       k % kTileK),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(piece[i], 16)));
+    }
+}
+
+// One float32 panel's rows 2t and 2t + 1 (16 weights each, a and b) as row t of its three B tiles: each column's
+// two bf16 pieces side by side (AMX's pairs), at out[i * kTileElems].
+inline void split_pair(__m512 a, __m512 b, uint16_t* out) {
+  __m512i pa[kPieces], pb[kPieces];
+  split3(a, pa);
+  split3(b, pb);
+  for (int64_t i = 0; i < kPieces; ++i)
+    _mm512_storeu_si512(out + i * kTileElems, _mm512_or_si512(pb[i], _mm512_srli_epi32(pa[i], 16)));
+}
+
+// The 32 x 32 outputs of row blocks a0, a1 and panels b0, b1 (their A and B tiles, [KC][3] each) into c (row
+// stride ldc floats). Per 32 inputs: 24 tile products, 6 A and 12 B tile loads. (Passes over ranges of the
+// inputs, so that a pair of panels' tiles stay in L1 while the row blocks go by, measured no faster.)
+void amx_tile(const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, const uint16_t* b1, int64_t KC, float* c,
+              int64_t ldc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kc = 0; kc < KC; ++kc, a0 += kPieces * kTileElems, a1 += kPieces * kTileElems,
+               b0 += kPieces * kTileElems, b1 += kPieces * kTileElems) {
+#define SAMI_WEIGHT_PIECE(j)                 \
+  _tile_loadd(6, b0 + (j) * kTileElems, 64); \
+  _tile_loadd(7, b1 + (j) * kTileElems, 64); \
+  _tile_dpbf16ps(0, 4, 6);                   \
+  _tile_dpbf16ps(1, 4, 7);                   \
+  _tile_dpbf16ps(2, 5, 6);                   \
+  _tile_dpbf16ps(3, 5, 7);
+    for (int64_t i = 0; i < kPieces; ++i) {  // x piece i with the w pieces j <= 2 - i
+      _tile_loadd(4, a0 + i * kTileElems, 64);
+      _tile_loadd(5, a1 + i * kTileElems, 64);
+      SAMI_WEIGHT_PIECE(0)
+      if (i < 2) { SAMI_WEIGHT_PIECE(1) }
+      if (i < 1) { SAMI_WEIGHT_PIECE(2) }
+    }
+#undef SAMI_WEIGHT_PIECE
+  }
+  const int64_t stride = ldc * sizeof(float);
+  _tile_stored(0, c, stride);
+  _tile_stored(1, c + kWidth, stride);
+  _tile_stored(2, c + kTileRows * ldc, stride);
+  _tile_stored(3, c + kTileRows * ldc + kWidth, stride);
+}
+#else
+bool amx_ready() { return false; }
+#endif
+
 constexpr int64_t kSlabBlocks = 8;  // row blocks per slab of a product with many rows
 // Weights per chunk. A decode step's (one slab) streams them from memory once: small chunks share the work out
 // evenly. A prefill's group of panels stays in each core's L2 while its slabs of rows go by, so that the rows
@@ -308,23 +459,42 @@ struct Job {
   uint64_t id = next_job_id.fetch_add(1, std::memory_order_relaxed);
   int64_t R = 0, K = 0, N = 0, P = 0, block = 0, slab = 0, slabs = 0, group = 0, chunks = 0;
   std::vector<float> xt;                         // x as row blocks [blocks, K, block], zero-padded
-  std::unique_ptr<std::atomic<int>[]> state;     // per slab: 0 to do, 1 being transposed, 2 ready
+  std::unique_ptr<std::atomic<int>[]> state;     // per slab (see once)
+  bool amx = false;                              // AMX tiles (see amx_tile) instead of the float32 tile
+#ifdef SAMI_AMX
+  int64_t KC = 0;                                // K in tiles of 32 inputs
+  PooledBuffer xa, wb;                           // the slabs' and the panels' bf16 pieces
+  std::unique_ptr<std::atomic<int>[]> group_state;
+#endif
+
+  // Runs fill() in the first thread to ask for an item whose state is `st` (0 to do, 1 being done, 2 ready);
+  // the others wait for it.
+  template <class F>
+  static void once(std::atomic<int>& st, F fill) {
+    int expected = 0;
+    if (st.compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
+      fill();
+      st.store(2, std::memory_order_release);
+    } else {
+      while (st.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+    }
+  }
 
   const float* slab_xt(int64_t s) {
-    float* out = xt.data() + s * slab * K;
-    int expected = 0;
-    if (state[s].compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
+    once(state[s], [&] {
       for (int64_t r0 = s * slab; r0 < std::min(R, (s + 1) * slab); r0 += block)  // each row block [K, block]
         transpose_rows(x + r0 * K, std::min(block, R - r0), K, block, xt.data() + r0 * K);
-      state[s].store(2, std::memory_order_release);
-    } else {
-      while (state[s].load(std::memory_order_acquire) != 2) std::this_thread::yield();
-    }
-    return out;
+    });
+    return xt.data() + s * slab * K;
   }
 
   // Chunk c: panel group c / slabs, slab c % slabs (consecutive chunks share a group's weights).
-  void chunk(int64_t c) { slabs > 1 ? run<true>(c) : run<false>(c); }
+  void chunk(int64_t c) {
+#ifdef SAMI_AMX
+    if (amx) return run_amx(c);
+#endif
+    slabs > 1 ? run<true>(c) : run<false>(c);
+  }
 
   template <bool IN_L2>
   void run(int64_t c) {
@@ -346,6 +516,70 @@ struct Job {
         tile_rows<1, IN_L2>(xb, block, K, wg + (p - p0) * K * kWidth, y + r0 * N, N, p * kWidth, rows);
     }
   }
+
+#ifdef SAMI_AMX
+  static constexpr int64_t kTilesBytes = kPieces * kTileElems;  // (per 32 inputs of a row block or panel)
+
+  // Slab s's row blocks (an even number, the last zero-padded) as A tiles [blocks][KC][3][16][32].
+  const uint16_t* slab_pieces(int64_t s) {
+    uint16_t* out = xa.buf->data + s * slab / kTileRows * KC * kTilesBytes;
+    once(state[s], [&] {
+      for (int64_t b = 0; b < slab / kTileRows; ++b) {
+        const int64_t r0 = s * slab + b * kTileRows;
+        split_rows(x + r0 * K, std::clamp<int64_t>(R - r0, 0, kTileRows), K, out + b * KC * kTilesBytes);
+      }
+    });
+    return out;
+  }
+
+  // Panels p0 .. p0 + group (zero past P) as B tiles [panels][KC][3][16 pairs of inputs][16 x 2].
+  const uint16_t* group_pieces(int64_t p0) {
+    uint16_t* out = wb.buf->data + p0 * KC * kTilesBytes;
+    once(group_state[p0 / group], [&] {
+      alignas(64) float rebuilt[kBlock * kWidth];  // a block of block-stored weights as float32 rows
+      const __m512 zero = _mm512_setzero_ps();
+      for (int64_t p = p0; p < p0 + group; ++p)
+        for (int64_t t = 0; t < KC * kTileRows; ++t) {  // input rows 2t and 2t + 1
+          uint16_t* o = out + (p - p0) * KC * kTilesBytes + t / kTileRows * kTilesBytes + t % kTileRows * kTileK;
+          const float* rows = nullptr;  // the panel's inputs 2t and 2t + 1, 16 floats each
+          if (p < P && wq == nullptr) {
+            rows = w + (p * K + 2 * t) * kWidth;
+          } else if (p < P) {
+            if (t % kTileRows == 0) {  // (K is a multiple of 32 for blocks: t's block is whole)
+              const QBlock blk(wq + p * (K / kBlock * kBlockBytes) + t / kTileRows * kBlockBytes);
+              for (int64_t kk = 0; kk < kBlock; ++kk) _mm512_store_ps(rebuilt + kk * kWidth, blk.row(kk));
+            }
+            rows = rebuilt + 2 * (t % kTileRows) * kWidth;
+          }
+          const __m512 a = rows != nullptr && 2 * t < K ? _mm512_loadu_ps(rows) : zero;
+          const __m512 b = rows != nullptr && 2 * t + 1 < K ? _mm512_loadu_ps(rows + kWidth) : zero;
+          split_pair(a, b, o);
+        }
+    });
+    return out;
+  }
+
+  // Chunk c on AMX: the slab's row blocks x the group's panels, two by two.
+  void run_amx(int64_t c) {
+    const int64_t g = c / slabs, s = c % slabs, p0 = g * group, r_slab = s * slab;
+    const uint16_t* xs = slab_pieces(s);
+    const uint16_t* ws = group_pieces(p0);
+    const int64_t blocks = (std::min(R - r_slab, slab) + 2 * kTileRows - 1) / (2 * kTileRows) * 2;
+    const int64_t per = KC * kTilesBytes;  // bf16 per row block or panel
+    const int64_t cols = (std::min(P, p0 + group) - p0 + 1) / 2 * 2 * kWidth;  // (an even number of panels)
+    thread_local TileBuffer sums;  // the chunk's outputs [blocks * 16, cols] float32
+    float* out = reinterpret_cast<float*>(sums.get(blocks * kTileRows * cols * 2));
+    amx_configure();
+    for (int64_t p = 0; p < cols / kWidth; p += 2)
+      for (int64_t b = 0; b < blocks; b += 2)
+        amx_tile(xs + b * per, xs + (b + 1) * per, ws + p * per, ws + (p + 1) * per, KC,
+                 out + b * kTileRows * cols + p * kWidth, cols);
+    const int64_t n = std::min(cols, N - p0 * kWidth);
+    for (int64_t r = r_slab; r < std::min(R, r_slab + blocks * kTileRows); ++r)
+      std::memcpy(y + r * N + p0 * kWidth, out + (r - r_slab) * cols, n * sizeof(float));
+    _tile_release();
+  }
+#endif
 
   // A group of block-stored panels for more rows than one tile, rebuilt as float32 panels into this thread's
   // buffer once for all of its slabs that the thread takes (consecutive chunks share a group).
@@ -377,14 +611,31 @@ void product(ffi::ThreadPool& pool, const float* x, const float* w, const uint8_
   job->K = K;
   job->N = N;
   const int64_t P = job->P = (N + kWidth - 1) / kWidth;  // the panels that hold outputs
+#ifdef SAMI_AMX
+  if (R > kOnePass && amx_ready()) {
+    job->amx = true;
+    const int64_t KC = job->KC = (K + kTileK - 1) / kTileK;
+    job->block = kTileRows;
+    job->slab = std::min(kAmxSlabRows, (R + 2 * kTileRows - 1) / (2 * kTileRows) * 2 * kTileRows);
+    job->slabs = (R + job->slab - 1) / job->slab;
+    job->group = std::max<int64_t>(2, kAmxGroupBytes / (KC * Job::kTilesBytes * 2) / 2 * 2);
+    const int64_t groups = (P + job->group - 1) / job->group;
+    job->xa.get(job->slabs * job->slab / kTileRows * KC * Job::kTilesBytes);
+    job->wb.get(groups * job->group * KC * Job::kTilesBytes);
+    job->state.reset(new std::atomic<int>[job->slabs]());
+    job->group_state.reset(new std::atomic<int>[groups]());
+    job->chunks = groups * job->slabs;
+    parallel_for(pool, job->chunks, [j = job.get()](int64_t c) { j->chunk(c); });
+    return;
+  }
+#endif
   // A decode step's few rows are one block and one slab, so that the weights stream from memory once; a
   // block holds as many rows as its tile reads.
   const int64_t block = job->block = R <= kOnePass ? tile_height(R) : kRows;
   const int64_t slab = job->slab = R <= kOnePass ? block : kSlabBlocks * kRows;
   job->slabs = (R + slab - 1) / slab;
   job->xt.assign(job->slabs * slab * K, 0.0f);
-  job->state.reset(new std::atomic<int>[job->slabs]);
-  for (int64_t i = 0; i < job->slabs; ++i) job->state[i].store(0, std::memory_order_relaxed);
+  job->state.reset(new std::atomic<int>[job->slabs]());
   // (Groups are sized by their float32 panels; block-stored ones stream 3.2x fewer bytes in the same chunks.)
   const int64_t group_bytes = job->slabs > 1 ? kSlabGroupBytes : kStreamGroupBytes;
   job->group = std::max<int64_t>(kPanels, group_bytes / (K * kWidth * sizeof(float)) / kPanels * kPanels);
@@ -914,4 +1165,13 @@ extern "C" int sami_pack_blocks(const float* panels, int64_t P, int64_t K, uint8
       }
     }
   return 1;
+}
+
+// Turns the AMX path for products of many rows on (1) or off (0), where the CPU and the build have it; returns
+// whether it is on. (mode < 0: only asks.)
+extern "C" int sami_amx(int mode) {
+#ifdef SAMI_AMX
+  if (mode >= 0) amx_on.store(mode != 0);
+#endif
+  return amx_ready() ? 1 : 0;
 }

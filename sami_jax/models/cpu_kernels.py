@@ -4,7 +4,9 @@ GGUF-quantized weights as 8-bit blocks), attention over the KV cache, top-p's th
 XLA's CPU GEMM repacks each weight panel before it uses it, so the products of a decode step (16 rows
 against a [576, 3072] weight) stream the weights at about a third of the machine's memory rate. The
 panel matmul keeps the weights packed once, as panels [ceil(N / 16), K, 16], and reads them straight
-from memory; `split_layers(panels=True)` stores the sampler's weights that way. Attention over the KV
+from memory; `split_layers(panels=True)` stores the sampler's weights that way. Where the CPU has AMX, products
+of more than 16 rows (a prefill's) run on its bf16 tiles with each float32 split exactly into three bf16 pieces,
+to float32's accuracy (`amx`; about 1.4x the float32 tile's rate in the model). Attention over the KV
 cache (a decode step's one query per row over a few hundred slots, or a prefill's causal prompt) is a
 handful of small XLA fusions and transposes per layer; the kernel runs it as one loop per (row, KV head)
 that reads only each query's unmasked slots. `forward_cached` uses it where the weights are panels, and
@@ -106,7 +108,8 @@ def load() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
         for target in (TARGET, BLOCK_TARGET, ATTENTION_TARGET, TOP_P_TARGET, ARGMAX_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
-        lib.sami_pack_blocks.restype = ctypes.c_int
+        lib.sami_pack_blocks.restype = lib.sami_amx.restype = ctypes.c_int
+        lib.sami_amx(0 if os.environ.get("SAMI_JAX_AMX", "auto").strip().lower() == "0" else 1)
     except (OSError, RuntimeError, AttributeError) as e:
         warnings.warn(f"sami_jax: the CPU kernels did not build or load, the sampler uses XLA's ops: {e}",
                       stacklevel=2)
@@ -124,6 +127,13 @@ def enabled() -> bool:
     if mode == "0" or (mode == "auto" and "avx512f" not in _cpu_flags()):
         return False
     return load()
+
+
+def amx(on: bool | None = None) -> bool:
+    """Whether products of more than 16 rows run on AMX tiles (see `cpu_kernels.cc`: float32 results from six
+    exact bf16 piece products), switched on or off first if `on` is given; False where the CPU, the kernel build
+    or the OS has no AMX. On by default where it can be; SAMI_JAX_AMX=0 turns it off. Needs `load()`."""
+    return bool(_lib.sami_amx(-1 if on is None else int(on)))
 
 
 def pack(w_nk: jax.Array) -> jax.Array:
