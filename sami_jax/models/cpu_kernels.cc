@@ -318,16 +318,32 @@ bool amx_ready() {
   return granted && amx_on.load(std::memory_order_relaxed);
 }
 
-// Every tile 16 rows of 64 bytes. Loaded at each chunk: another library's code may have run on this pool thread.
-void amx_configure() {
-  struct alignas(64) {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-  } config;
-  for (int i = 0; i < 8; ++i) config.colsb[i] = 64, config.rows[i] = kTileRows;
-  _tile_loadconfig(&config);
-}
+// The tile configuration for a chunk's work: every tile 16 rows of 64 bytes. Loaded at each chunk, since other
+// code (oneDNN, through XLA or torch) may use the tiles on the same thread; the configuration found is put back
+// after (or the tiles released if there was none), for code that keeps its own configured between its calls.
+class TileScope {
+ public:
+  TileScope() {
+    _tile_storeconfig(saved_);  // (64 zero bytes if the tiles were not configured)
+    struct alignas(64) {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t colsb[16] = {};
+      uint8_t rows[16] = {};
+    } config;
+    for (int i = 0; i < 8; ++i) config.colsb[i] = 64, config.rows[i] = kTileRows;
+    _tile_loadconfig(&config);
+  }
+  ~TileScope() {
+    if (saved_[0] != 0) {
+      _tile_loadconfig(saved_);
+    } else {
+      _tile_release();
+    }
+  }
+
+ private:
+  alignas(64) uint8_t saved_[64];
+};
 
 // 16 floats split exactly into three bf16 pieces, each in its lanes' top 16 bits (the low 16 zero).
 inline void split3(__m512 x, __m512i* piece) {
@@ -569,7 +585,7 @@ struct Job {
     const int64_t cols = (std::min(P, p0 + group) - p0 + 1) / 2 * 2 * kWidth;  // (an even number of panels)
     thread_local TileBuffer sums;  // the chunk's outputs [blocks * 16, cols] float32
     float* out = reinterpret_cast<float*>(sums.get(blocks * kTileRows * cols * 2));
-    amx_configure();
+    const TileScope tiles;
     for (int64_t p = 0; p < cols / kWidth; p += 2)
       for (int64_t b = 0; b < blocks; b += 2)
         amx_tile(xs + b * per, xs + (b + 1) * per, ws + p * per, ws + (p + 1) * per, KC,
@@ -577,7 +593,6 @@ struct Job {
     const int64_t n = std::min(cols, N - p0 * kWidth);
     for (int64_t r = r_slab; r < std::min(R, r_slab + blocks * kTileRows); ++r)
       std::memcpy(y + r * N + p0 * kWidth, out + (r - r_slab) * cols, n * sizeof(float));
-    _tile_release();
   }
 #endif
 
