@@ -11,6 +11,9 @@
 // sami_block_matmul: the same product for W stored as blocks of 8-bit integers (see QBlock): each weight is
 // rebuilt exactly as the float32 (q * d) + m it stands for, so the outputs are bit for bit the panel matmul's.
 //
+// Both run products of more than 16 rows on AMX tiles where the CPU has them, to float32's accuracy (see
+// amx_tile; sami_amx turns that off).
+//
 // sami_attention: a prefill's or a decode step's attention over a layer's KV cache, see Attention.
 //
 // sami_top_p_threshold: each row's nucleus threshold for top-p sampling, see TopPThreshold.
@@ -20,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -295,15 +299,15 @@ bool match_column(const float* v, float* d, float* m, int8_t* q) {
   return false;
 }
 
-
 // Products of many rows (a prefill's) on AMX, where the CPU has it: y = x W as six bf16 tile products. Each
 // float32 is split exactly into three bf16 pieces, x = x0 + x1 + x2 and w = w0 + w1 + w2 (8 significant bits
 // each), and y sums the six products xi wj with i + j <= 2: every piece product is exact in float32 and the
 // three dropped ones are below 2^-23 of x w, so y is a float32 sum of the same terms to float32's rounding (the
 // float32 tile's error, not bf16's: tests check it against float64). A non-finite x or w gives NaN there.
-// An AMX tile product (16 x 16 outputs over 32 inputs) takes about as long as 16 rows x 16 columns x 2 inputs
-// of float32 FMAs, so the six run about 2.7x the float32 tile's rate at best. Used only for more rows than one
-// pass (kOnePass): a decode step's products stream their weights once and are bound by memory or the rebuild.
+// A tile product (16 x 16 outputs over 32 inputs: 8,192 multiply-adds) took 7 ns on random data, in which the
+// float32 tile does 500-650, so the six could run 2-2.7x its rate; in the model they run about 1.4x (SmolLM2's
+// batch-16 prefill 2.1 -> 1.5 s). Used only for more rows than one pass (kOnePass): a decode step's products
+// stream their weights once, and its blocks on AMX measured slower.
 #ifdef SAMI_AMX
 constexpr int64_t kTileRows = 16, kTileK = 32, kTileElems = kTileRows * kTileK;  // bf16 per tile (1 KB)
 constexpr int64_t kPieces = 3;
@@ -630,7 +634,6 @@ void product(ffi::ThreadPool& pool, const float* x, const float* w, const uint8_
   if (R > kOnePass && amx_ready()) {
     job->amx = true;
     const int64_t KC = job->KC = (K + kTileK - 1) / kTileK;
-    job->block = kTileRows;
     job->slab = std::min(kAmxSlabRows, (R + 2 * kTileRows - 1) / (2 * kTileRows) * 2 * kTileRows);
     job->slabs = (R + job->slab - 1) / job->slab;
     job->group = std::max<int64_t>(2, kAmxGroupBytes / (KC * Job::kTilesBytes * 2) / 2 * 2);
