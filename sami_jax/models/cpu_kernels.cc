@@ -556,25 +556,22 @@ struct Job {
   const uint16_t* group_pieces(int64_t p0) {
     uint16_t* out = wb.buf->data + p0 * KC * kTilesBytes;
     once(group_state[p0 / group], [&] {
-      alignas(64) float rebuilt[kBlock * kWidth];  // a block of block-stored weights as float32 rows
+      thread_local std::vector<float> rebuilt;  // a block-stored panel as float32 [K, 16]
       const __m512 zero = _mm512_setzero_ps();
-      for (int64_t p = p0; p < p0 + group; ++p)
-        for (int64_t t = 0; t < KC * kTileRows; ++t) {  // input rows 2t and 2t + 1
-          uint16_t* o = out + (p - p0) * KC * kTilesBytes + t / kTileRows * kTilesBytes + t % kTileRows * kTileK;
-          const float* rows = nullptr;  // the panel's inputs 2t and 2t + 1, 16 floats each
-          if (p < P && wq == nullptr) {
-            rows = w + (p * K + 2 * t) * kWidth;
-          } else if (p < P) {
-            if (t % kTileRows == 0) {  // (K is a multiple of 32 for blocks: t's block is whole)
-              const QBlock blk(wq + p * (K / kBlock * kBlockBytes) + t / kTileRows * kBlockBytes);
-              for (int64_t kk = 0; kk < kBlock; ++kk) _mm512_store_ps(rebuilt + kk * kWidth, blk.row(kk));
-            }
-            rows = rebuilt + 2 * (t % kTileRows) * kWidth;
-          }
-          const __m512 a = rows != nullptr && 2 * t < K ? _mm512_loadu_ps(rows) : zero;
-          const __m512 b = rows != nullptr && 2 * t + 1 < K ? _mm512_loadu_ps(rows + kWidth) : zero;
-          split_pair(a, b, o);
+      for (int64_t p = p0; p < p0 + group; ++p) {
+        const float* panel = nullptr;  // the panel's float32 weights [K, 16]; none past P (zero tiles)
+        if (p < P && wq == nullptr) {
+          panel = w + p * K * kWidth;
+        } else if (p < P) {
+          rebuilt.resize(K * kWidth);
+          dequantize(wq, K, p, p + 1, rebuilt.data());
+          panel = rebuilt.data();
         }
+        for (int64_t t = 0; t < KC * kTileRows; ++t)  // inputs 2t and 2t + 1
+          split_pair(panel != nullptr && 2 * t < K ? _mm512_loadu_ps(panel + 2 * t * kWidth) : zero,
+                     panel != nullptr && 2 * t + 1 < K ? _mm512_loadu_ps(panel + (2 * t + 1) * kWidth) : zero,
+                     out + ((p - p0) * KC + t / kTileRows) * kTilesBytes + t % kTileRows * kTileK);
+      }
     });
     return out;
   }
@@ -587,8 +584,9 @@ struct Job {
     const int64_t blocks = (std::min(R - r_slab, slab) + 2 * kTileRows - 1) / (2 * kTileRows) * 2;
     const int64_t per = KC * kTilesBytes;  // bf16 per row block or panel
     const int64_t cols = (std::min(P, p0 + group) - p0 + 1) / 2 * 2 * kWidth;  // (an even number of panels)
-    thread_local TileBuffer sums;  // the chunk's outputs [blocks * 16, cols] float32
-    float* out = reinterpret_cast<float*>(sums.get(blocks * kTileRows * cols * 2));
+    thread_local std::vector<float> sums;  // the chunk's outputs [blocks * 16, cols]
+    sums.resize(blocks * kTileRows * cols);
+    float* out = sums.data();
     const TileScope tiles;
     for (int64_t p = 0; p < cols / kWidth; p += 2)
       for (int64_t b = 0; b < blocks; b += 2)
