@@ -7,7 +7,8 @@
 # PROFILE=1: the same runs with XLA's command buffers (CUDA graphs) off, so that a profile sees each kernel
 # rather than one op per graph, plus a table of where the device time goes (benchmarks/op_profile.py) for a
 # prefill and a decode chunk and for one SAMI step; tables and compiled HLO go to $OUT, as does the log.
-#   run(command="bash benchmarks/gpu.sh", timeout_s=540)   # about 4 minutes on an H200 (session 16)
+#   run(command="bash benchmarks/gpu.sh", timeout_s=540)   # about 4 minutes on an H200 in session 16, before
+#   the two unrolled-layer variants (each compiles longer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -34,8 +35,10 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python3 benchmarks/gpu_sampler.py --json "$OU
   "${profile[@]}" || status=1
 # cuDNN attention only (the einsum attention stores [t, t] scores: 24% MFU in session 9); the reference keeps
 # 4 micro-batches of 16 sequences; ours runs 2 of 32 and 1 of 64 (the best on an H200, 49% MFU in session 16;
-# out of memory on an H100); the last is profiled. XLA's dynamic-slice fusion and full while-loop unrolling
-# (variant options xla_NAME=VALUE) measured no change in session 16.
+# out of memory on an H100), each with the layer scan and with the layers unrolled over per-layer weights
+# (`loop`: no copies of weights out of the stacked arrays, no stacked activation buffers; 11% of the H100
+# step's kernel time in session 13; not yet timed on a GPU); the last is profiled. XLA's dynamic-slice
+# fusion and full while-loop unrolling (variant options xla_NAME=VALUE) measured no change in session 16.
 python3 benchmarks/sami_step.py --setting gpu-1.1b --json "$OUT/gpu_sami_step.json" "${profile[@]}" \
-  --variants "${SAMI_STEP_VARIANTS:-cudnn:dots_no_batch:m2,cudnn:dots_no_batch:m1}" || status=1
+  --variants "${SAMI_STEP_VARIANTS:-cudnn:dots_no_batch:m2,cudnn:dots_no_batch:m2:loop,cudnn:dots_no_batch:m1,cudnn:dots_no_batch:m1:loop}" || status=1
 exit $status

@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
     parser.add_argument("--variants", help="ours as attention:remat[:option...], comma-separated; options: shared "
                         "(prompts shared), mN (N micro-batches instead of the setting's), bf16 (bfloat16 master "
-                        "params), xla_NAME=VALUE (an XLA option for this variant's compile alone). Default: "
+                        "params), loop (the layers unrolled, `scan_layers=False`), xla_NAME=VALUE (an XLA "
+                        "option for this variant's compile alone). Default: "
                         "einsum:none and einsum:dots_no_batch:shared:m4 on cpu; einsum:dots_no_batch, "
                         "einsum:dots_no_batch:shared and cudnn:dots_no_batch on gpu-1.1b")
     parser.add_argument("--reference-micro", type=int, help="micro-batches of the reference instead of the "
@@ -202,7 +203,8 @@ def main() -> None:
     print(f"reference: {ref_micro} micro-batches")
     print(f"{'setting':70s} {'ours tok/s':>11s} {'ref tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'ref MFU':>8s}")
     for impl, remat, *options in variants:
-        unknown = [o for o in options if o not in ("shared", "bf16") and o[:1] != "m" and not o.startswith("xla_")]
+        unknown = [o for o in options if o not in ("shared", "bf16", "loop") and o[:1] != "m"
+                   and not o.startswith("xla_")]
         if unknown:
             raise SystemExit(f"unknown variant options {unknown}")
         xla = dict(xla_option(o) for o in options if o.startswith("xla_"))
@@ -211,7 +213,7 @@ def main() -> None:
         arrays = [jnp.asarray(a.reshape(n_micro, -1, *a.shape[2:])) for a in (tokens, attention, loss_mask)]
         kwargs = dict(config=config, optim=optim, compute_dtype=jnp.bfloat16 if gpu else None, remat=remat,
                       response_len=response_window(loss_mask), attention_impl=impl, prompts_shared=shared,
-                      prompt_len=prompt_window(loss_mask) if shared else None)
+                      prompt_len=prompt_window(loss_mask) if shared else None, scan_layers="loop" not in options)
         start_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params) if "bf16" in options else params
         state = init_train_state(start_params, optim)
         try:
@@ -251,6 +253,7 @@ def main() -> None:
         ours_tps = n_tokens / ours_s
         setting = (f"{label}, attention {impl}, remat {remat}{', prompts shared' if shared else ''}, "
                    f"{n_micro} micro-batches{', bf16 master params' if 'bf16' in options else ''}"
+                   f"{', layers unrolled' if 'loop' in options else ''}"
                    + "".join(f", {k}={v}" for k, v in xla.items()))
         record = {"setting": setting, "ours": ours_tps, "reference": ref_tps, "unit": "tokens/s",
                   "ratio": ours_tps / ref_tps, "reference_micro_batches": ref_micro, "ours_compile_s": compile_s,

@@ -238,7 +238,8 @@ def lower_sami_step(plan: Plan):
                               remat=cfg.train.remat, compute_dtype=_compute_dtype(cfg), sharder=plan.sharder,
                               response_len=plan.response_len, attention_impl="einsum",
                               prompts_shared=cfg.train.share_prompts,
-                              prompt_len=plan.prompt_window if cfg.train.share_prompts else None)
+                              prompt_len=plan.prompt_window if cfg.train.share_prompts else None,
+                              scan_layers=cfg.train.scan_layers)
     sequences = math.prod(shape[:-1])
     rows, length = sequences, plan.seq_len
     if cfg.train.share_prompts:  # the program runs packed rows: one per prompt, its c responses after it

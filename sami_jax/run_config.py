@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.reduce = "mean"  # per-sequence log-prob: "mean" over response tokens (the authors) or "sum"
     c.train.keep_eos = False  # the authors never scored the EOS
     c.train.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    # False: the layers unrolled over per-layer weights (no scan's weight copies or stacked activations; the
+    # same update, a longer compile). Measured on the 2-core CPU: no faster than the scan (BENCHMARKS.md).
+    c.train.scan_layers = True
     c.train.attention = "auto"  # "einsum" | "cudnn" (flash, NVIDIA GPUs) | "auto": cudnn on a GPU with bf16 compute
     c.train.seq_multiple = 128  # sequences are padded to a multiple of this (fewer compiles)
     # Each (query, constitution) prompt runs once for its C responses, packed after it in one row, instead of

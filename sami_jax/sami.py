@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from sami_jax.models.config import ModelConfig
-from sami_jax.models.transformer import token_logprobs
+from sami_jax.models.transformer import stack_layers, token_logprobs, unstack_layers
 from sami_jax.optim import OptimConfig, make_optimizer, make_schedule
 from sami_jax.sharding import param_shardings
 
@@ -247,12 +247,13 @@ def init_train_state(params, optim: OptimConfig) -> TrainState:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optim", "reduce", "remat", "compute_dtype", "sharder",
-                                             "response_len", "attention_impl", "prompts_shared", "prompt_len"),
+                                             "response_len", "attention_impl", "prompts_shared", "prompt_len",
+                                             "scan_layers"),
                    donate_argnums=0)
 def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelConfig, optim: OptimConfig,
               reduce: str = "mean", remat: str = "none", compute_dtype=None, sharder=None,
               response_len: int | None = None, attention_impl: str = "einsum", prompts_shared: bool = False,
-              prompt_len: int | None = None):
+              prompt_len: int | None = None, scan_layers: bool = True):
     """One optimizer update from A micro-batches: tokens/attention/loss_mask [A, q, c, c, t].
 
     response_len: at least the longest response of the batch (`response_window(loss_mask)`); the vocab
@@ -261,6 +262,8 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
     prompts_shared: each prompt runs once for its c responses (`share_prompts`: needs response_len,
     prompt_len (`prompt_window(loss_mask)`), the einsum attention and `build_pair_batch`'s structure); the
     same update from fewer FLOPs.
+    scan_layers: False runs the layers as an unrolled loop over per-layer weights (`unstack_layers`), the
+    same update without the scan's weight copies and stacked activation buffers; compiles longer.
 
     Gradients are accumulated over the micro-batches (a scan; the mean of their losses, i.e. true
     accumulation, not the authors' zero_grad-per-micro-step) and applied once. compute_dtype (e.g.
@@ -273,6 +276,8 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
     # respect to the cast copy, in float32, is the gradient with respect to the params: a cast's transpose
     # is the cast back.
     compute_params = params if compute_dtype is None else jax.tree.map(lambda x: x.astype(compute_dtype), params)
+    if not scan_layers:  # sliced once per step, after the cast (one fused op a weight); gradients per layer
+        compute_params = unstack_layers(compute_params)
 
     def loss_fn(p, tok, att, lm):
         m = logprob_matrix(p, config, tok, att, lm, reduce, response_len, prompts_shared, prompt_len, remat=remat,
@@ -287,9 +292,11 @@ def sami_step(state: TrainState, tokens, attention, loss_mask, *, config: ModelC
         grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc[0], grads)
         return (grads, jax.tree.map(jnp.add, acc[1], terms)), None
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), compute_params)
     zero_terms = jax.tree.map(lambda _: jnp.float32(0), jax.eval_shape(lambda: sami_loss_terms(jnp.zeros((1, 2, 2)))))
     (grads, terms), _ = jax.lax.scan(micro, (zeros, zero_terms), (tokens, attention, loss_mask))
+    if not scan_layers:
+        grads = stack_layers(grads)
     n = tokens.shape[0]
     grads = jax.tree.map(lambda g: g / n, grads)
     metrics = {k: v / n for k, v in terms.items()}

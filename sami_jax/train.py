@@ -337,7 +337,7 @@ class Runner:
         kwargs = dict(config=self.base.config, optim=self.optim, reduce=cfg.train.reduce, remat=cfg.train.remat,
                       compute_dtype=self.compute_dtype, sharder=self.sharder, response_len=lengths[2],
                       attention_impl=self.attention_impl, prompts_shared=self.shared,
-                      prompt_len=lengths[1] if self.shared else None)
+                      prompt_len=lengths[1] if self.shared else None, scan_layers=cfg.train.scan_layers)
         arrays, _, _ = self._step_batch(records, start, *lengths)
         t0 = time.perf_counter()
         step_fn = sami_step.lower(state, *arrays, **kwargs).compile()

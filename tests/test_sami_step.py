@@ -96,11 +96,14 @@ def _torch_sami_loss(hf, tokens, att, lm, autocast: bool = False):
                   + torch.nn.functional.cross_entropy(m.transpose(1, 2), target))
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["pairs", "prompts_shared"])
-def test_gradients_match_torch(tmp_path, shared):
-    """d SAMI loss / d every weight (the CPU's custom matmul backward, with and without shared prompts)
-    equals torch autograd through transformers' model on the same pairs, tensor by tensor."""
+@pytest.mark.parametrize("shared,scan", [(False, True), (True, True), (False, False), (True, False)],
+                         ids=["pairs", "prompts_shared", "pairs_unrolled", "prompts_shared_unrolled"])
+def test_gradients_match_torch(tmp_path, shared, scan):
+    """d SAMI loss / d every weight (the CPU's custom matmul backward, with and without shared prompts, the
+    layers scanned or unrolled over per-layer weights) equals torch autograd through transformers' model on
+    the same pairs, tensor by tensor."""
     from sami_jax.checkpoints.hf import at_path, tensor_table
+    from sami_jax.models.transformer import stack_layers, unstack_layers
     from sami_jax.sami import prompt_window, response_window, sami_loss
 
     hf = tiny.hf_model("llama_kv2")
@@ -114,7 +117,12 @@ def test_gradients_match_torch(tmp_path, shared):
         return sami_loss(logprob_matrix(params, model.config, tokens, att, lm, response_len=response_window(lm),
                                         prompts_shared=shared, prompt_len=prompt_window(lm) if shared else None))
 
-    value, grads = jax.jit(jax.value_and_grad(ours_loss))(model.params)
+    if scan:
+        value, grads = jax.jit(jax.value_and_grad(ours_loss))(model.params)
+    else:
+        value, grads = jax.jit(jax.value_and_grad(ours_loss))(unstack_layers(model.params))
+        assert isinstance(grads["layers"], tuple)
+        grads = stack_layers(grads)
     np.testing.assert_allclose(float(value), loss.item(), rtol=1e-5)
     for e in tensor_table(model.config):
         ours = e.to_hf(np.asarray(at_path(grads, e.path)[e.index]))
@@ -159,10 +167,12 @@ def test_accumulation_equals_one_big_batch(model):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["pairs", "prompts_shared"])
-def test_sharded_step_equals_single_device(model, tmp_path_factory, shared):
+@pytest.mark.parametrize("shared,scan", [(False, True), (True, True), (True, False)],
+                         ids=["pairs", "prompts_shared", "prompts_shared_unrolled"])
+def test_sharded_step_equals_single_device(model, tmp_path_factory, shared, scan):
     """The step on a 2 (fsdp) x 4 (tensor) mesh of 8 CPU devices, batch sharded, equals one device; with
-    each prompt run once for its responses (`prompts_shared`) too, against the single-device pair step."""
+    each prompt run once for its responses (`prompts_shared`) too, and with the layers unrolled
+    (`scan_layers=False`, remat `dots_no_batch`), against the single-device pair step."""
     optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant", clip_norm=1.0)
     tokens, att, lm = (x.reshape(2, 2, *x.shape[1:]) for x in _batch(4, seed=2))
     single, single_metrics = sami_step(init_train_state(model.params, optim), tokens, att, lm,
@@ -174,6 +184,8 @@ def test_sharded_step_equals_single_device(model, tmp_path_factory, shared):
     batch_sharding = sharder.sharding(tokens.shape, (None, "batch", None, None, None))
     arrays = [jax.device_put(x, batch_sharding) for x in (tokens, att, lm)]
     extra = dict(prompts_shared=True, prompt_len=8, response_len=16) if shared else {}
+    if not scan:
+        extra.update(scan_layers=False, remat="dots_no_batch")
     state, metrics = sami_step(init_train_state(sharded_model.params, optim), *arrays, config=model.config,
                                optim=optim, sharder=sharder, **extra)
     q_proj = state.params["layers"]["self_attn"]["q_proj"]
