@@ -214,7 +214,8 @@ def test_steps_raise_mutual_information(model):
 
 def test_mixtral_step_and_logprob_matrix_vs_transformers(tmp_path):
     """Mixtral's dropless experts through the SAMI step: M [q, c, c] equals transformers' summed token
-    log-probs of every (prompt k, response j) sequence, and one step runs to finite values."""
+    log-probs of every (prompt k, response j) sequence, one step runs to finite values, and the same step
+    with the layers unrolled (`scan_layers=False`) gives the same update."""
     hf = tiny.hf_model("mixtral_4x2")
     mixtral = sami_jax.load_model(tiny.save(hf, tmp_path / "mixtral"))
     tokens, att, lm = _batch(2, seed=3)
@@ -227,6 +228,11 @@ def test_mixtral_step_and_logprob_matrix_vs_transformers(tmp_path):
     ref = (logp * lm.reshape(-1, 16)[:, 1:]).sum(-1).reshape(2, 2, 2)
     np.testing.assert_allclose(m, ref, atol=1e-4)
     optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant")
-    _, metrics = sami_step(init_train_state(mixtral.params, optim), tokens[None], att[None], lm[None],
-                           config=mixtral.config, optim=optim)
+    scanned, metrics = sami_step(init_train_state(mixtral.params, optim), tokens[None], att[None], lm[None],
+                                 config=mixtral.config, optim=optim)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    unrolled, unrolled_metrics = sami_step(init_train_state(mixtral.params, optim), tokens[None], att[None],
+                                           lm[None], config=mixtral.config, optim=optim, scan_layers=False)
+    np.testing.assert_allclose(float(unrolled_metrics["grad_norm"]), float(metrics["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(unrolled.params), jax.tree.leaves(scanned.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
