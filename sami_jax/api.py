@@ -67,7 +67,9 @@ def load_model(path, dtype=None, mesh: jax.sharding.Mesh | None = None, rules=No
         hf_config = source.hf_config()
         config = ModelConfig.from_hf(hf_config, source=str(path))
         params = load_params(source, config, dtype, shardings(config))
-        return Model(config, params, load_tokenizer(path, config=hf_config), sharder)
+        # (a file without tokenizer metadata loads without a tokenizer, as an HF folder without tokenizer files)
+        tokenizer = load_tokenizer(path, config=hf_config) if source.metadata("tokenizer.ggml.model") else None
+        return Model(config, params, tokenizer, sharder)
     if path.is_file():
         raise CheckpointError(f"{path}: not a model; expected an HF folder, a .gguf file or an orbax model folder")
 

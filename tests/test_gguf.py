@@ -92,16 +92,17 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _write(path: pathlib.Path, tensors: dict, arch: str = "llama", meta=None) -> pathlib.Path:
+def _write(path: pathlib.Path, tensors: dict, arch: str = "llama", meta=None, *, layers=1, context=128, hidden=D,
+           ffn=FFN, heads=HEADS, kv_heads=KV_HEADS, eps=1e-6) -> pathlib.Path:
     """A GGUF file with llama metadata; tensors maps GGUF name -> array or (raw bytes, GGML type)."""
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_context_length(128)
-    w.add_embedding_length(D)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-6)
+    w.add_block_count(layers)
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(eps)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     for add in meta or ():
@@ -283,10 +284,100 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unmapped_tensor_is_refused(tmp_path):
-    # rope_freqs carries Llama-3.1 RoPE scaling; dropping it silently would change the model
-    path = _write(tmp_path / "extra.gguf", _dense_model(**{"rope_freqs.weight": _rand(HEAD_DIM // 2)}))
-    with pytest.raises(CheckpointError, match=r"rope_freqs\.weight"):
+    # a bias (llama.cpp writes Qwen-style q/k/v biases under the same names): dropping it would change the model
+    path = _write(tmp_path / "extra.gguf", _dense_model(**{"blk.0.attn_q.bias": _rand(D)}))
+    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_q\.bias"):
         GGUFSource(path)
+
+
+# ---- Llama-3.1/3.2 RoPE scaling as llama.cpp stores it (rope_freqs.weight) ---------------------------------
+
+
+def _llamacpp_rope_factors(theta, dim, factor, low, high, original) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's LlamaModel rope_freqs for rope_type llama3, as a plain loop."""
+    out = []
+    for freq in 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * np.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+@pytest.mark.parametrize("name,theta,dim,factor,low,high,original", [
+    ("Llama-3.1-8B", 5e5, 128, 8.0, 1.0, 4.0, 8192),
+    ("Llama-3.2-1B", 5e5, 64, 32.0, 1.0, 4.0, 8192),
+    ("other bands", 1e4, 32, 4.0, 2.0, 8.0, 256),
+])
+def test_rope_factors_give_back_hf_scaling(name, theta, dim, factor, low, high, original):
+    """The published Llama-3 settings come back as the HF rope_scaling they were converted from."""
+    f = _llamacpp_rope_factors(theta, dim, factor, low, high, original)
+    assert gguf_ckpt.llama3_scaling_from_factors(f, theta, dim, original) == {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+        "original_max_position_embeddings": original}
+    assert gguf_ckpt.llama3_scaling_from_factors(np.ones(dim // 2, np.float32), theta, dim) is None
+
+
+@pytest.mark.parametrize("factors", ["random", "wrong_length"])
+def test_rope_factors_no_scaling_can_express_are_refused(tmp_path, factors):
+    f = np.random.default_rng(0).uniform(1, 3, HEAD_DIM // 2).astype(np.float32)
+    if factors == "wrong_length":
+        f = np.ones(HEAD_DIM, np.float32)
+    path = _write(tmp_path / "bad_rope.gguf", _dense_model(**{"rope_freqs.weight": f}))
+    with pytest.raises(CheckpointError) as e:
+        GGUFSource(path)
+    assert str(path) in str(e.value) and "rope_freqs.weight" in str(e.value)
+
+
+def _gguf_from_hf(hf, path: pathlib.Path, rope_freqs: np.ndarray | None) -> pathlib.Path:
+    """An HF Llama written as llama.cpp's converter writes it: GGUF names, q/k rows permuted, F32 tensors."""
+    c = hf.config
+    layer_stems = {hf_name: stem for stem, hf_name in gguf_ckpt._LAYER_NAMES.items()}
+    tensors = {}
+    for name, p in hf.state_dict().items():
+        w = p.detach().numpy().astype(np.float32)
+        if name.startswith("model.layers."):
+            i, module = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
+            if module == "self_attn.q_proj":
+                w = _permute(w, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                w = _permute(w, c.num_key_value_heads)
+            tensors[f"blk.{i}.{layer_stems[module]}.weight"] = w
+        else:
+            stem = {v: k for k, v in gguf_ckpt._GLOBAL_NAMES.items()}[name.removesuffix(".weight")]
+            tensors[f"{stem}.weight"] = w
+    if rope_freqs is not None:
+        tensors["rope_freqs.weight"] = rope_freqs
+    return _write(path, tensors, meta=[lambda w: w.add_rope_freq_base(c.rope_parameters["rope_theta"])],
+                  layers=c.num_hidden_layers, context=c.max_position_embeddings, hidden=c.hidden_size,
+                  ffn=c.intermediate_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                  eps=c.rms_norm_eps)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64], ids=["one_blended_frequency", "three_blended_frequencies"])
+def test_llama3_rope_gguf_logits_match_transformers(tmp_path, head_dim):
+    """A Llama-3-scaled HF model written as llama.cpp writes it (rope_freqs.weight, no rope metadata) loads
+    with logits equal to transformers' on the HF model over 96 positions; without its rope_freqs the same
+    weights give other logits (the scaling matters here)."""
+    tiny = pytest.importorskip("tiny")
+    import sami_jax
+
+    hf = tiny.hf_model("llama3_rope", hidden_size=4 * head_dim)
+    rope = hf.config.rope_parameters
+    factors = _llamacpp_rope_factors(rope["rope_theta"], head_dim, rope["factor"], rope["low_freq_factor"],
+                                     rope["high_freq_factor"], rope["original_max_position_embeddings"])
+    assert np.sum((factors > 1) & (factors < rope["factor"])) == (1 if head_dim == 16 else 3)
+    tokens = tiny.tokens(2, 96)
+    ref = tiny.hf_logits(hf, tokens)
+    model = sami_jax.load_model(_gguf_from_hf(hf, tmp_path / "llama3.gguf", factors))
+    assert model.config.rope_scaling is not None
+    np.testing.assert_allclose(np.asarray(model.logits(tokens)), ref, atol=1e-4)
+    unscaled = sami_jax.load_model(_gguf_from_hf(hf, tmp_path / "unscaled.gguf", None))
+    assert np.max(np.abs(np.asarray(unscaled.logits(tokens)) - ref)) > 1e-2
 
 
 def test_not_a_gguf_file(tmp_path):

@@ -1,9 +1,10 @@
 """llama.cpp GGUF files as a source of HF-named tensors, without torch.
 
 `GGUFSource` answers the same questions as the HF safetensors reader (config dict, tensor names, shapes,
-arrays in HF layout), so the common loader can import a GGUF file exactly like an HF folder. It undoes the
-two things llama.cpp's converter changes: tensor names, and the row order of q/k projections (permuted for
-llama.cpp's RoPE). Tensors are dequantized one at a time with `gguf.quants`, never the whole file at once.
+arrays in HF layout), so the common loader can import a GGUF file exactly like an HF folder. It undoes what
+llama.cpp's converter changes: tensor names, the row order of q/k projections (permuted for llama.cpp's
+RoPE), and Llama-3 RoPE scaling stored as per-frequency divisors (`rope_freqs.weight`). Tensors are
+dequantized one at a time with `gguf.quants`, never the whole file at once.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 _STACKED_EXPERTS_RE = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)_exps\.weight")
 # pre-2024 Mixtral files store one tensor per expert instead of a stacked one
 _SPLIT_EXPERT_RE = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
+# Llama-3.1/3.2 files: llama.cpp's per-frequency RoPE divisors in place of HF's rope_scaling parameters
+_ROPE_FREQS = "rope_freqs.weight"
 
 
 def _gguf():
@@ -199,6 +202,63 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int, original: int = 8192,
+                                where: str = "rope factors") -> dict | None:
+    """HF's llama3 `rope_scaling` whose frequencies equal llama.cpp's: inv_freq / factors.
+
+    llama.cpp's converter stores Llama-3.1/3.2 RoPE scaling as divisors of the base inverse frequencies
+    ([head_dim / 2], `rope_freqs.weight`): 1 for short wavelengths, `factor` for long ones, 1 / ((1 - s) /
+    factor + s) between, with s linear in 1 / wavelength. Here s = (x - u) / (v - u) for x = 1 / wavelength,
+    u = low_freq_factor / original and v = high_freq_factor / original, so `original` only sets the scale
+    (the file's original context length, else Llama-3's 8192). u and v come from a line through the
+    blended frequencies, or, with fewer than two of them, from the gaps between the bands (some other pair
+    then gives the same frequencies). The result is checked: its frequencies must equal the file's within
+    1e-5, or the file is refused. None where every factor is 1."""
+    f = np.asarray(factors, np.float64).reshape(-1)
+    if f.size != head_dim // 2 or not np.all(np.isfinite(f)) or np.any(f <= 0):
+        raise CheckpointError(f"{where}: expected {head_dim // 2} positive finite RoPE frequency factors "
+                              f"(head_dim {head_dim}), got {f.size} values in [{f.min():.6g}, {f.max():.6g}]")
+    if np.all(np.abs(f - 1) <= 1e-6):
+        return None
+    from sami_jax.models.attention import inv_freq
+    from sami_jax.models.config import RopeScaling
+
+    factor, base = f.max(), inv_freq(head_dim, theta)
+    x = base.astype(np.float64) / (2 * np.pi)
+    high, low = np.abs(f - 1) <= 1e-5, np.abs(f - factor) <= 1e-5 * factor
+    mid = ~(high | low)
+    lo = x[low].max() if low.any() else 0.0  # long wavelengths (small x) are divided by factor
+    hi = x[high].min() if high.any() else 2 * x.max()
+    if mid.sum() >= 2:
+        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(x[mid], s, 1)
+        u = -intercept / slope
+        v = u + 1 / slope
+    elif mid.any():  # one blended frequency x1: any line through it whose band edges keep the others apart
+        x1 = x[mid][0]
+        s1 = (1 / f[mid][0] - 1 / factor) / (1 - 1 / factor)
+        u = (lo + x1) / 2
+        for _ in range(64):
+            v = u + (x1 - u) / s1
+            if v < hi:
+                break
+            u = (u + x1) / 2
+    else:
+        u, v = lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3
+    want, err = base / f.astype(np.float32), np.inf
+    for digits in (6, 17):  # round numbers where they reproduce the frequencies as well
+        scaling = RopeScaling(factor=float(f"{factor:.{digits}g}"), low_freq_factor=float(f"{u * original:.{digits}g}"),
+                              high_freq_factor=float(f"{v * original:.{digits}g}"),
+                              original_max_position_embeddings=int(original))
+        if not 0 < scaling.low_freq_factor < scaling.high_freq_factor:
+            break
+        err = min(err, float(np.max(np.abs(inv_freq(head_dim, theta, scaling) / want - 1))))
+        if err <= 1e-5:
+            return {"rope_type": "llama3", **dataclasses.asdict(scaling)}
+    raise CheckpointError(f"{where}: these RoPE frequency factors are no Llama-3 scaling that HF's rope_scaling can "
+                          "express" + (f" (the closest differs by {err:.3g})" if np.isfinite(err) else ""))
+
+
 class _Entry:
     """Where one HF tensor lives: a GGUF tensor, optionally one expert of a stacked expert tensor."""
 
@@ -314,6 +374,16 @@ class GGUFSource:
             if attn_factor is not None:
                 scaling["attention_factor"] = float(attn_factor)
             cfg["rope_scaling"] = scaling
+        if _ROPE_FREQS in self._tensors:
+            if "rope_scaling" in cfg:
+                raise CheckpointError(f"{self.path}: both {_ROPE_FREQS} and rope.scaling.type {rope_type!r}; "
+                                      "which one scales RoPE is ambiguous")
+            t = self._tensors[_ROPE_FREQS]
+            scaling = llama3_scaling_from_factors(
+                self._read(_Entry(t), tuple(t.shape)), cfg["rope_theta"], cfg["head_dim"],
+                int(self._arch_meta("rope.scaling.original_context_length", 8192)), f"{self.path}: {_ROPE_FREQS}")
+            if scaling is not None:
+                cfg["rope_scaling"] = scaling
         return cfg
 
     # ---- tensors --------------------------------------------------------------------------------------
@@ -335,9 +405,8 @@ class GGUFSource:
                 entries[hf] = _Entry(t)
             elif (m := _LAYER_RE.fullmatch(t.name)) and m[2] in _LAYER_NAMES:
                 entries[f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.weight"] = _Entry(t)
-            else:
-                # e.g. biases, or rope_freqs (Llama-3.1 RoPE scaling): dropping them would silently change
-                # the model, so refuse the file instead.
+            elif t.name != _ROPE_FREQS:  # (read into the config's rope_scaling)
+                # e.g. biases: dropping them would silently change the model, so refuse the file instead.
                 unknown.append(t.name)
         if unknown:
             raise CheckpointError(
@@ -355,7 +424,7 @@ class GGUFSource:
             hf_names.setdefault(entry.tensor.name, []).append(hf)
         for t in self._tensors.values():
             if self._types[t.name] not in supported:
-                hf = hf_names[t.name]
+                hf = hf_names.get(t.name, [t.name])
                 hf_desc = hf[0] if len(hf) == 1 else f"{hf[0]} .. {hf[-1]}"
                 ok = ", ".join(sorted(q.name for q in supported))
                 raise CheckpointError(
@@ -380,8 +449,10 @@ class GGUFSource:
 
     def read(self, name: str) -> np.ndarray:
         """One tensor in HF layout: float32 for quantized types, else the stored float16/bfloat16/float32."""
+        return self._read(self._entry(name), self.shape(name))
+
+    def _read(self, entry: _Entry, shape: tuple[int, ...]) -> np.ndarray:
         gguf = _gguf()
-        entry = self._entry(name)
         t, qtype = entry.tensor, self._types[entry.tensor.name]
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         row_bytes = t.shape[-1] // block * type_size
@@ -401,7 +472,7 @@ class GGUFSource:
             w = np.array(rows).view(ml_dtypes.bfloat16)
         else:
             w = gguf.quants.dequantize(rows, qtype)
-        w = w.reshape(self.shape(name))
+        w = w.reshape(shape)
         if entry.unpermute_heads is not None:
             w = _unpermute_rows(w, entry.unpermute_heads)
         return w

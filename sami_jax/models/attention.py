@@ -10,17 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sami_jax.models.config import ModelConfig
+from sami_jax.models.config import ModelConfig, RopeScaling
 
 _NEG = float(np.finfo(np.float32).min)  # finite: a fully masked (padding) row stays NaN-free
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies [head_dim / 2] in float32, computed as HF does (Llama-3 scaling included)."""
-    d = config.head_dim
-    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+    return inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+
+
+def inv_freq(d: int, theta: float, s: RopeScaling | None = None) -> np.ndarray:
+    """`rope_inv_freq` from its three fields: head dim d, base theta, Llama-3 scaling s (None: none)."""
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
     inv = inv.astype(np.float32)
-    s = config.rope_scaling
     if s is None:
         return inv
     # Llama-3: long wavelengths are divided by `factor`, short ones kept, a smooth blend between.
