@@ -92,3 +92,22 @@ def tldr_response_files() -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
     base = "base-mistral-opus-constitution-temperature-0.0.json"
     return (_require(responses / iteration_3), _require(responses / base),
             _require(judged / "3-vs-base-mistral-opus-constitution-temperature-0.0.json"))
+
+
+@pytest.fixture(params=[False, True], ids=["no_amx", "amx"])
+def amx(request):
+    """Products of more than 16 rows without AMX tiles (the CPU kernels' float32 tile; XLA's dots in training),
+    then on them (`cpu_kernels.amx`; skipped where there are none). Yields whether AMX is on."""
+    from sami_jax.models import cpu_kernels
+
+    loaded = bool(shutil.which("g++") or shutil.which("c++")) and cpu_kernels.load()
+    before = loaded and cpu_kernels.amx()
+    if request.param and not (loaded and cpu_kernels.amx(True)):
+        pytest.skip("no AMX here (CPU flags amx_bf16/amx_tile, a kernel build with them, and Linux's grant)")
+    if loaded:
+        cpu_kernels.amx(request.param)
+    jax.clear_caches()  # (training's products choose AMX when traced: jitted functions keep their first choice)
+    yield request.param
+    if loaded:
+        cpu_kernels.amx(before)
+    jax.clear_caches()

@@ -15,18 +15,6 @@ needs_kernel = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++"
                                   reason="no C++ compiler (g++ or c++) to build the CPU panel matmul")
 
 
-@pytest.fixture(params=[False, True], ids=["float32", "amx"])
-def amx(request):
-    """Products of more than 16 rows on the float32 tile, then on AMX (skipped where there is none)."""
-    assert cpu_kernels.load()
-    before = cpu_kernels.amx()
-    if request.param and not cpu_kernels.amx(True):
-        pytest.skip("no AMX here (CPU flags amx_bf16/amx_tile, a kernel build with them, and Linux's grant)")
-    cpu_kernels.amx(request.param)
-    yield request.param
-    cpu_kernels.amx(before)
-
-
 @needs_kernel
 @pytest.mark.parametrize("rows,k,n", [(1, 576, 3072), (3, 37, 50), (12, 64, 1000), (13, 64, 17), (16, 576, 3072),
                                       (17, 40, 33), (40, 128, 300), (300, 96, 96), (0, 8, 8), (150, 600, 70)])

@@ -98,10 +98,11 @@ def _torch_sami_loss(hf, tokens, att, lm, autocast: bool = False):
 
 @pytest.mark.parametrize("shared,scan", [(False, True), (True, True), (False, False), (True, False)],
                          ids=["pairs", "prompts_shared", "pairs_unrolled", "prompts_shared_unrolled"])
-def test_gradients_match_torch(tmp_path, shared, scan):
+def test_gradients_match_torch(tmp_path, shared, scan, amx):
     """d SAMI loss / d every weight (the CPU's custom matmul backward, with and without shared prompts, the
-    layers scanned or unrolled over per-layer weights) equals torch autograd through transformers' model on
-    the same pairs, tensor by tensor."""
+    layers scanned or unrolled over per-layer weights, the weight products on XLA's dots or on the CPU
+    kernel's AMX tiles) equals torch autograd through transformers' model on the same pairs, tensor by
+    tensor."""
     from sami_jax.checkpoints.hf import at_path, tensor_table
     from sami_jax.models.transformer import stack_layers, unstack_layers
     from sami_jax.sami import prompt_window, response_window, sami_loss
@@ -117,16 +118,30 @@ def test_gradients_match_torch(tmp_path, shared, scan):
         return sami_loss(logprob_matrix(params, model.config, tokens, att, lm, response_len=response_window(lm),
                                         prompts_shared=shared, prompt_len=prompt_window(lm) if shared else None))
 
-    if scan:
-        value, grads = jax.jit(jax.value_and_grad(ours_loss))(model.params)
-    else:
-        value, grads = jax.jit(jax.value_and_grad(ours_loss))(unstack_layers(model.params))
+    params = model.params if scan else unstack_layers(model.params)
+    step = jax.jit(jax.value_and_grad(ours_loss))
+    assert ("sami_panel_matmul" in step.lower(params).as_text()) == amx
+    value, grads = step(params)
+    if not scan:
         assert isinstance(grads["layers"], tuple)
         grads = stack_layers(grads)
     np.testing.assert_allclose(float(value), loss.item(), rtol=1e-5)
     for e in tensor_table(model.config):
         ours = e.to_hf(np.asarray(at_path(grads, e.path)[e.index]))
         np.testing.assert_allclose(ours, ref[e.hf_name], atol=2e-6, rtol=1e-4, err_msg=e.hf_name)
+
+
+@pytest.mark.parametrize("remat,calls", [("dots_no_batch", 14), ("full", 20)])
+def test_amx_products_follow_the_remat_policy(model, amx, remat, calls):
+    """On AMX the step's 7 weight products of a layer (x W) and their input gradients (dy W^T) are kernel
+    calls; `dots_no_batch` keeps their outputs as it keeps XLA's dots (no forward products again in the
+    backward pass), `full` recomputes them (all but the down projection's, whose output the layer's backward
+    pass does not read)."""
+    optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant")
+    tokens, att, lm = (x.reshape(2, 2, *x.shape[1:]) for x in _batch(4))
+    text = sami_step.lower(init_train_state(model.params, optim), tokens, att, lm, config=model.config,
+                           optim=optim, remat=remat).compile().as_text()
+    assert text.count('custom_call_target="sami_panel_matmul"') == (calls if amx else 0)
 
 
 def test_bf16_compute_step_matches_torch_autocast(tmp_path):

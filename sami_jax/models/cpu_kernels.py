@@ -20,7 +20,8 @@ $SAMI_JAX_CACHE (default ~/.cache/sami_jax) by a hash of the source, the jaxlib 
 SAMI_JAX_CPU_KERNELS selects: "auto" (the default) uses them on x86 CPUs with AVX-512, where the matmul
 is measured faster than XLA's GEMM at every row count; "1" wherever it builds; "0" never. Without a
 compiler, or if the build fails, a warning names the cause and the sampler keeps XLA's ops.
-Forward only (no autodiff rule): the sampler's path, not training's.
+The matmul also serves training where the CPU has AMX: `transformer._matmuls_amx` gives it a custom VJP (x W and
+dy W^T on the kernel, each call packing its weight; dW on XLA's dot). The other kernels are forward only.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ TOP_P_TARGET = "sami_top_p_threshold"
 BLOCK_TARGET = "sami_block_matmul"
 ARGMAX_TARGET = "sami_argmax"
 WIDTH = 16  # output columns per panel
+ONE_PASS_ROWS = 16  # products of more rows run on AMX tiles where the CPU has them (kOnePass)
 BLOCK = 32  # inputs per block of a block-stored panel (`pack_blocks`)
 BLOCK_BYTES = 2 * WIDTH * 4 + BLOCK * WIDTH  # its 16 columns' float32 scales and offsets, then int8 [32, 16]
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -132,7 +134,9 @@ def enabled() -> bool:
 def amx(on: bool | None = None) -> bool:
     """Whether products of more than 16 rows run on AMX tiles (see `cpu_kernels.cc`: float32 results from six
     exact bf16 piece products), switched on or off first if `on` is given; False where the CPU, the kernel build
-    or the OS has no AMX. On by default where it can be; SAMI_JAX_AMX=0 turns it off. Needs `load()`."""
+    or the OS has no AMX. On by default where it can be; SAMI_JAX_AMX=0 turns it off. Needs `load()`. Training's
+    products (`transformer._matmuls_amx`) choose AMX when they are traced: a jitted function already traced
+    keeps its choice until `jax.clear_caches()`."""
     return bool(_lib.sami_amx(-1 if on is None else int(on)))
 
 
