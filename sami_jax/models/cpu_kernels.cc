@@ -381,21 +381,24 @@ std::mutex spare_mutex;
 std::vector<std::unique_ptr<TileBuffer>> spare_buffers;
 
 struct PooledBuffer {
-  std::unique_ptr<TileBuffer> buf;
-  PooledBuffer() {
-    std::lock_guard<std::mutex> lock(spare_mutex);
-    if (spare_buffers.empty()) {
-      buf = std::make_unique<TileBuffer>();
-    } else {
-      buf = std::move(spare_buffers.back());
-      spare_buffers.pop_back();
-    }
-  }
+  std::unique_ptr<TileBuffer> buf;  // taken from the spares at the first get (only AMX products use one)
   ~PooledBuffer() {
+    if (!buf) return;
     std::lock_guard<std::mutex> lock(spare_mutex);
     spare_buffers.push_back(std::move(buf));
   }
-  uint16_t* get(int64_t n) { return buf->get(n); }
+  uint16_t* get(int64_t n) {
+    if (!buf) {
+      std::lock_guard<std::mutex> lock(spare_mutex);
+      if (spare_buffers.empty()) {
+        buf = std::make_unique<TileBuffer>();
+      } else {
+        buf = std::move(spare_buffers.back());
+        spare_buffers.pop_back();
+      }
+    }
+    return buf->get(n);
+  }
 };
 
 // rows (<= 16) of x [rows, K] as A tiles out [KC][3][16 rows][32 inputs], zero past `rows` and K.

@@ -55,14 +55,15 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _lib = None  # the loaded library (`load`), for `pack_blocks`
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache  # (read at every traced training product: `transformer._amx_applies`)
+def _cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _compiler() -> str | None:

@@ -110,19 +110,20 @@ def _matmuls_amx(x, ws, n_in):
     CPU_DOT, which the dot remat policies keep. Float32, unsharded, on a CPU with AMX (`_project`).
 
     In a SAMI step on SmolLM2 (2 cores, shared prompts, `dots_no_batch`, 4 micro-batches, one process,
-    alternating): 14.28 s against 15.21 s with XLA's dots; with the weights packed once per step instead
+    alternating): 14.34 s against 15.08 s with XLA's dots; with the weights packed once per step instead
     (two more copies of them, sliced per layer), 15.05-17.15 s: slower than packing at each call."""
     return _amx_products(x, ws, n_in)
 
 
+def _kernel_dot(a, m):
+    """a [rows, k] @ m [k, n] on `cpu_kernels.matmul`, m packed as panels for this call."""
+    return cpu_kernels.matmul(a, cpu_kernels.pack(m.T), m.shape[1])
+
+
 def _amx_products(x, ws, n_in):
     lead, x2 = _rows(x, n_in)
-    out = []
-    for w in ws:
-        w2 = w.reshape(x2.shape[1], -1)
-        y = cpu_kernels.matmul(x2, cpu_kernels.pack(w2.T), w2.shape[1])
-        out.append(checkpoint_name(y, CPU_DOT).reshape(*lead, *w.shape[n_in:]))
-    return tuple(out)
+    return tuple(checkpoint_name(_kernel_dot(x2, w.reshape(x2.shape[1], -1)), CPU_DOT).reshape(*lead, *w.shape[n_in:])
+                 for w in ws)
 
 
 def _matmuls_amx_fwd(x, ws, n_in):
@@ -133,8 +134,7 @@ def _matmuls_amx_bwd(n_in, res, dys):
     x, ws = res
     _, x2 = _rows(x, n_in)
     dy2s = [dy.reshape(x2.shape[0], -1) for dy in dys]
-    dx = sum(cpu_kernels.matmul(dy2, cpu_kernels.pack(w.reshape(x2.shape[1], -1)), x2.shape[1])
-             for w, dy2 in zip(ws, dy2s, strict=True))
+    dx = sum(_kernel_dot(dy2, w.reshape(x2.shape[1], -1).T) for w, dy2 in zip(ws, dy2s, strict=True))
     return dx.reshape(x.shape), _weight_grads(x2, dy2s, ws)
 
 
