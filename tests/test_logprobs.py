@@ -1,4 +1,5 @@
-"""The chunked vocabulary log-probs against a plain numpy log-softmax and its analytic gradient."""
+"""The chunked vocabulary log-probs against a plain numpy log-softmax and its analytic gradient, with XLA's
+products and with the CPU kernels' on AMX tiles."""
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ def _numpy_reference(x, w, targets, g):
 
 
 @pytest.mark.parametrize("v, chunk", [(384, 128), (300, 128), (300, 512)])  # divisible, padded, one padded chunk
-def test_vocab_logprobs_match_numpy(v, chunk):
+def test_vocab_logprobs_match_numpy(v, chunk, amx):
     rng = np.random.default_rng(0)
     n, d = 24, 16
     x = rng.normal(size=(n, d)).astype(np.float32)
@@ -33,10 +34,13 @@ def test_vocab_logprobs_match_numpy(v, chunk):
     lp_ref, dx_ref, dw_ref = _numpy_reference(x, w, targets, g)
 
     def loss(x, w):
-        return jnp.sum(vocab_logprobs(x, w, jnp.asarray(targets), chunk) * g)
+        return jnp.sum(vocab_logprobs(x, w, jnp.asarray(targets), chunk, amx) * g)
 
-    lp = jax.jit(vocab_logprobs, static_argnums=3)(x, w, jnp.asarray(targets), chunk)
-    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    lp = jax.jit(vocab_logprobs, static_argnums=(3, 4))(x, w, jnp.asarray(targets), chunk, amx)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    kernel_calls = grad.lower(x, w).as_text().count("sami_panel_matmul")
+    assert kernel_calls == (3 if amx else 0)  # the logits, their recompute, dx
+    dx, dw = grad(x, w)
     np.testing.assert_allclose(lp, lp_ref, rtol=0, atol=2e-5)
     np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=2e-5)
     np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=2e-5)

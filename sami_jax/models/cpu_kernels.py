@@ -156,6 +156,12 @@ def matmul(x_rk: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x_rk.shape[0], n), jnp.float32))(x_rk, panels)
 
 
+def dot(x_rk: jax.Array, w_nk: jax.Array) -> jax.Array:
+    """x [R, K] @ w [N, K]^T, both float32, on `matmul` with w packed as panels for this call (an XLA
+    transpose of w): [R, N] float32. Training's products, whose weights change at every step."""
+    return matmul(x_rk, pack(w_nk), w_nk.shape[0])
+
+
 def pack_blocks(panels) -> np.ndarray | None:
     """Float32 panels [P, K, 16] (`pack`) stored as blocks for `matmul`, where every weight is exactly
     (q * d) + m in float32 for an 8-bit integer q and, per column and 32 consecutive inputs, a scale d and an

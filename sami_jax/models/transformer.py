@@ -115,15 +115,10 @@ def _matmuls_amx(x, ws, n_in):
     return _amx_products(x, ws, n_in)
 
 
-def _kernel_dot(a, m):
-    """a [rows, k] @ m [k, n] on `cpu_kernels.matmul`, m packed as panels for this call."""
-    return cpu_kernels.matmul(a, cpu_kernels.pack(m.T), m.shape[1])
-
-
 def _amx_products(x, ws, n_in):
     lead, x2 = _rows(x, n_in)
-    return tuple(checkpoint_name(_kernel_dot(x2, w.reshape(x2.shape[1], -1)), CPU_DOT).reshape(*lead, *w.shape[n_in:])
-                 for w in ws)
+    ys = (checkpoint_name(cpu_kernels.dot(x2, w.reshape(x2.shape[1], -1).T), CPU_DOT) for w in ws)
+    return tuple(y.reshape(*lead, *w.shape[n_in:]) for y, w in zip(ys, ws, strict=True))
 
 
 def _matmuls_amx_fwd(x, ws, n_in):
@@ -134,7 +129,7 @@ def _matmuls_amx_bwd(n_in, res, dys):
     x, ws = res
     _, x2 = _rows(x, n_in)
     dy2s = [dy.reshape(x2.shape[0], -1) for dy in dys]
-    dx = sum(_kernel_dot(dy2, w.reshape(x2.shape[1], -1).T) for w, dy2 in zip(ws, dy2s, strict=True))
+    dx = sum(cpu_kernels.dot(dy2, w.reshape(x2.shape[1], -1)) for w, dy2 in zip(ws, dy2s, strict=True))
     return dx.reshape(x.shape), _weight_grads(x2, dy2s, ws)
 
 
@@ -301,7 +296,9 @@ def token_logprobs(params, tokens_bt: jax.Array, config: ModelConfig, targets_bn
         w_vd = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"].T
         x = rms_norm(x, params["norm"], config.rms_norm_eps)
         b, n, d = x.shape
-        return logprobs.vocab_logprobs(x.reshape(b * n, d), w_vd, targets.reshape(b * n)).reshape(b, n)
+        x = x.reshape(b * n, d)
+        kernel = _amx_applies(x, (w_vd,), 1)  # (the products of `_project`'s choice, for the same reasons)
+        return logprobs.vocab_logprobs(x, w_vd, targets.reshape(b * n), 1024, kernel).reshape(b, n)
 
     return jax.lax.platform_dependent(x, targets_bn, cpu=chunked, default=plain)
 
