@@ -20,8 +20,9 @@ $SAMI_JAX_CACHE (default ~/.cache/sami_jax) by a hash of the source, the jaxlib 
 SAMI_JAX_CPU_KERNELS selects: "auto" (the default) uses them on x86 CPUs with AVX-512, where the matmul
 is measured faster than XLA's GEMM at every row count; "1" wherever it builds; "0" never. Without a
 compiler, or if the build fails, a warning names the cause and the sampler keeps XLA's ops.
-The matmul also serves training where the CPU has AMX: `transformer._matmuls_amx` gives it a custom VJP (x W and
-dy W^T on the kernel, each call packing its weight; dW on XLA's dot). The other kernels are forward only.
+The matmul also serves training where the CPU has AMX (`dot`, packing the weight at each call):
+`transformer._matmuls_amx` gives it a custom VJP (x W and dy W^T on the kernel, dW on XLA's dot), and
+`logprobs.vocab_logprobs` runs the vocabulary head's products on it. The other kernels are forward only.
 """
 
 from __future__ import annotations
