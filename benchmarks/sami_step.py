@@ -23,7 +23,9 @@ gpu-1.1b: a TinyLlama-1.1B-shaped random model (HF's init, imported through our 
 The reference is the authors' step in plain PyTorch: per micro-batch a forward over the q*c*c sequences,
 token log-probs in float32, masked mean per sequence, the [q, c, c] matrix, the symmetric InfoNCE loss,
 backward; then clip_grad_norm_(1.0) and AdamW. Each side runs `--steps` timed steps after `--warmup` (2) warm-up steps
-(ours: the first compiles, its time is printed apart). Losses of the first step are compared too.
+(ours: the first compiles, its time is printed apart). Losses of the first step are compared too. With
+`--malloc keep` glibc keeps freed memory, so that the reference's large tensors do not pay the machine's page
+faults anew at every step (see BENCHMARKS.md, session 29).
 """
 
 from __future__ import annotations
@@ -105,7 +107,18 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", help="profile one step of the last variant; table and HLO to DIR")
     parser.add_argument("--prompt-len", type=int, default=96, help="prompt tokens of each 256-token cpu pair")
     parser.add_argument("--smoke", action="store_true", help="gpu-1.1b shapes shrunk, to test the script on a CPU")
+    parser.add_argument("--malloc", choices=("os", "keep"), default="os",
+                        help="os (default): glibc's defaults, which map each large buffer anew and return it when "
+                        "freed; keep: glibc serves every allocation from its heap and keeps what is freed (the "
+                        "process re-runs itself with MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_ set; the heap "
+                        "only grows: one such run on the 24 GB VM was killed for memory)")
     args = parser.parse_args()
+    if args.malloc == "keep" and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        # On the 2-core VM the reference's step took 1.2-1.8M page faults (its [16, 255, 49152] logits and their
+        # log-softmax, mapped anew at every step) and 28-46 s of system time, which made it run at 90-112 tokens/s
+        # instead of about 205; ours (XLA maps its own buffers) was unchanged by this. See BENCHMARKS.md, session 29.
+        os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     gpu = args.setting == "gpu-1.1b"
     if gpu:  # the torch reference runs first and frees its memory; jax then allocates what it needs
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -200,7 +213,7 @@ def main() -> None:
     flops = train_flops(config, n_tokens, t, logit_tokens=int(loss_mask.sum()))
     ref_tps = n_tokens / ref_s
     records = []
-    print(f"reference: {ref_micro} micro-batches")
+    print(f"reference: {ref_micro} micro-batches; malloc {args.malloc}")
     print(f"{'setting':70s} {'ours tok/s':>11s} {'ref tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'ref MFU':>8s}")
     for impl, remat, *options in variants:
         unknown = [o for o in options if o not in ("shared", "bf16", "loop") and o[:1] != "m"
