@@ -33,6 +33,30 @@ def test_panel_matmul_equals_numpy(rows, k, n, amx):
 
 
 @needs_kernel
+@pytest.mark.parametrize("d,m,n", [(37, 20, 33), (64, 17, 16), (31, 40, 300), (130, 576, 192), (300, 48, 1024),
+                                   (5, 3, 2), (0, 20, 33)])
+def test_transposed_matmul_equals_numpy(d, m, n, amx):
+    """x^T dy (a weight's gradient over d tokens): token counts that leave part of a tile pair over (32 on AMX),
+    output rows on either side of one pass (16) and past a slab (128), columns past a panel or an odd panel,
+    no tokens (zeros)."""
+    assert cpu_kernels.load()
+    rng = np.random.default_rng(d * 5 + m)
+    x = rng.standard_normal((d, m), dtype=np.float32)
+    dy = rng.standard_normal((d, n), dtype=np.float32)
+    y = jax.jit(cpu_kernels.dot_tn)(jnp.asarray(x), jnp.asarray(dy))
+    assert y.shape == (m, n)
+    ref = x.T.astype(np.float64) @ dy.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * max(d, 1) ** 0.5 * 16)
+
+
+@needs_kernel
+def test_transposed_matmul_rejects_mismatched_shapes():
+    assert cpu_kernels.load()
+    with pytest.raises(Exception, match="sami_transposed_matmul: want x"):
+        jax.block_until_ready(cpu_kernels.dot_tn(jnp.ones((4, 8)), jnp.ones((5, 8))))  # 4 tokens against 5
+
+
+@needs_kernel
 def test_panel_matmul_rejects_mismatched_shapes():
     assert cpu_kernels.load()
     x, panels = jnp.ones((2, 8)), jnp.ones((1, 9, 16))  # K 8 against panels of K 9

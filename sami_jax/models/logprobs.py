@@ -10,10 +10,11 @@ pass recomputes one chunk's logits at a time, turns them into the gradient of th
 contracts it at once into the rows' gradient (accumulated) and the chunk's rows of the weight gradient.
 One more matmul of the head's size than autodiff's, and no pass over a matrix of logits in memory.
 
-With `kernel`, each chunk's logits and the rows' gradient are products on `cpu_kernels.dot` (AMX tiles at
-float32 accuracy, see `transformer._matmuls_amx`); the weight gradient stays XLA's. SmolLM2's head at the CPU
-benchmark's shapes (640 rows, forward and backward, 2 cores): 0.63 s against 0.76 s; the chunk of 1,024 rows
-was the fastest of 512-4,096 both ways, and the weight gradient on the kernel too no faster (0.65 s).
+With `kernel`, each chunk's logits and the rows' gradient are products on `cpu_kernels.dot` and its weight
+gradient on `cpu_kernels.dot_tn` (AMX tiles at float32 accuracy, see `transformer._matmuls_amx`). SmolLM2's
+head at the CPU benchmark's shapes (640 rows, forward and backward, 2 cores): 0.63 s against 0.76 s with the
+first two on the kernel; the chunk of 1,024 rows was the fastest of 512-4,096 both ways. The weight
+gradient through `dot` (transposed copies of both operands) was no faster; `dot_tn`'s is 0.58x XLA's.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ def _vocab_logprobs_bwd(chunk, kernel, res, g_n):
         dlogits = dlogits.astype(x_nd.dtype)
         if kernel:
             dx_nd = dx_nd + cpu_kernels.dot(dlogits, w_cd.T)
+            dw_cd = cpu_kernels.dot_tn(dlogits, x_nd)
         else:
             dx_nd = dx_nd + jnp.einsum("nc,cd->nd", dlogits, w_cd, preferred_element_type=jnp.float32)
-        dw_cd = jnp.einsum("nc,nd->cd", dlogits, x_nd, preferred_element_type=jnp.float32)
+            dw_cd = jnp.einsum("nc,nd->cd", dlogits, x_nd, preferred_element_type=jnp.float32)
         return dx_nd, dw_cd.astype(w_vd.dtype)
 
     w_chunks = _chunked(w_vd, chunk)
