@@ -404,14 +404,18 @@ struct PooledBuffer {
   }
 };
 
+// The mask of the first n (none if n <= 0, all 16 if n >= 16) lanes.
+inline __mmask16 lanes(int64_t n) {
+  return n >= kWidth ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // rows (<= 16) of x [rows, K] as A tiles out [KC][3][16 rows][32 inputs], zero past `rows` and K.
 void split_rows(const float* x, int64_t rows, int64_t K, uint16_t* out) {
   const int64_t KC = (K + kTileK - 1) / kTileK;
   for (int64_t r = 0; r < kTileRows; ++r)
     for (int64_t k = 0; k < KC * kTileK; k += kWidth) {
-      const int64_t n = r < rows ? std::clamp<int64_t>(K - k, 0, kWidth) : 0;
       __m512i piece[kPieces];
-      split3(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x + r * K + k), piece);
+      split3(_mm512_maskz_loadu_ps(lanes(r < rows ? K - k : 0), x + r * K + k), piece);
       for (int64_t i = 0; i < kPieces; ++i)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ((k / kTileK) * kPieces + i) * kTileElems + r * kTileK +
                                                        k % kTileK),
@@ -434,11 +438,6 @@ inline void split_pair(__m512 a, __m512 b, uint16_t* out) {
   __m512i pair[kPieces];
   pair3(a, b, pair);
   for (int64_t i = 0; i < kPieces; ++i) _mm512_storeu_si512(out + i * kTileElems, pair[i]);
-}
-
-// The mask of the first n (<= 16) lanes.
-inline __mmask16 lanes(int64_t n) {
-  return n >= kWidth ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
 }
 
 // Rows a0 .. a0 + rows - 1 (rows <= 16) of x^T for x [D, M] (the product's inputs down D) as A tiles
@@ -715,7 +714,6 @@ void product(ffi::ThreadPool& pool, const float* x, const float* w, const uint8_
   job->x = x;
   job->w = w;
   job->wq = wq;
-  const int64_t P = job->P;
 #ifdef SAMI_AMX
   if (R > kOnePass && amx_ready()) return run_on_amx(pool, *job);
 #endif
@@ -729,7 +727,7 @@ void product(ffi::ThreadPool& pool, const float* x, const float* w, const uint8_
   // (Groups are sized by their float32 panels; block-stored ones stream 3.2x fewer bytes in the same chunks.)
   const int64_t group_bytes = job->slabs > 1 ? kSlabGroupBytes : kStreamGroupBytes;
   job->group = std::max<int64_t>(kPanels, group_bytes / (K * kWidth * sizeof(float)) / kPanels * kPanels);
-  job->chunks = (P + job->group - 1) / job->group * job->slabs;
+  job->chunks = (job->P + job->group - 1) / job->group * job->slabs;
   parallel_for(pool, job->chunks, [j = job.get()](int64_t c) { j->chunk(c); });
 }
 

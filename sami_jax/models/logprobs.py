@@ -76,7 +76,7 @@ def vocab_logprobs(x_nd: jax.Array, w_vd: jax.Array, targets_n: jax.Array, chunk
                    kernel: bool = False) -> jax.Array:
     """float32 [n]: log_softmax(x [n, d] @ w [v, d]^T)[i, targets[i]], computed `chunk` vocabulary rows at a
     time (see the module docstring). w is the head as [v, d]: a tied embedding table as it is. `kernel`: the
-    products on `cpu_kernels.dot` (float32 x and w on a CPU, the kernels loaded)."""
+    products on `cpu_kernels.dot` and `dot_tn` (float32 x and w on a CPU, the kernels loaded)."""
     return _forward(x_nd, w_vd, targets_n, chunk, kernel)[0]
 
 
