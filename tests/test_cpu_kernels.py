@@ -1,6 +1,6 @@
 """The CPU kernels (`models/cpu_kernels`, `cpu_kernels.cc`): the panel matmul (float32 panels, and GGUF-quantized
-weights stored as blocks), the attention, the top-p threshold and argmax, against numpy (float64 where it
-sums); their switch and their fallback when they cannot build."""
+weights stored as blocks), training's dense products, the attention, the top-p threshold and argmax, against numpy
+(float64 where it sums); their switch and their fallback when they cannot build."""
 
 import shutil
 
@@ -33,26 +33,31 @@ def test_panel_matmul_equals_numpy(rows, k, n, amx):
 
 
 @needs_kernel
-@pytest.mark.parametrize("d,m,n", [(37, 20, 33), (64, 17, 16), (31, 40, 300), (130, 576, 192), (300, 48, 1024),
-                                   (5, 3, 2), (0, 20, 33)])
-def test_transposed_matmul_equals_numpy(d, m, n, amx):
-    """x^T dy (a weight's gradient over d tokens): token counts that leave part of a tile pair over (32 on AMX),
-    output rows on either side of one pass (16) and past a slab (128), columns past a panel or an odd panel,
-    no tokens (zeros)."""
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+@pytest.mark.parametrize("m,k,n", [(20, 37, 33), (17, 64, 16), (40, 31, 300), (576, 130, 192), (48, 300, 1024),
+                                   (3, 5, 2), (20, 0, 33), (130, 600, 70)])
+def test_dense_matmul_equals_numpy(layout, m, k, n, amx):
+    """Training's products x W (nn), dy W^T (nt) and x^T dy (tn), each operand as XLA holds it: inner sizes that
+    leave part of a tile pair over (32 on AMX), output rows on either side of one pass (16) and past a slab
+    (128), columns past a panel or an odd panel, an empty inner dimension (zeros)."""
     assert cpu_kernels.load()
-    rng = np.random.default_rng(d * 5 + m)
-    x = rng.standard_normal((d, m), dtype=np.float32)
-    dy = rng.standard_normal((d, n), dtype=np.float32)
-    y = jax.jit(cpu_kernels.dot_tn)(jnp.asarray(x), jnp.asarray(dy))
+    rng = np.random.default_rng(m * 5 + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    fn, a, b = {"nn": (cpu_kernels.dot, x, w), "nt": (cpu_kernels.dot_nt, x, w.T.copy()),
+                "tn": (cpu_kernels.dot_tn, x.T.copy(), w)}[layout]
+    y = jax.jit(fn)(jnp.asarray(a), jnp.asarray(b))
     assert y.shape == (m, n)
-    ref = x.T.astype(np.float64) @ dy.astype(np.float64)
-    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * max(d, 1) ** 0.5 * 16)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * max(k, 1) ** 0.5 * 16)
 
 
 @needs_kernel
-def test_transposed_matmul_rejects_mismatched_shapes():
+def test_dense_matmul_rejects_mismatched_shapes():
+    """The error names the target and both operands' shapes."""
     assert cpu_kernels.load()
-    with pytest.raises(Exception, match="sami_transposed_matmul: want x"):
+    want = r"sami_dense_matmul: want x .* got x \[4, 8\], w \[5, 8\], y \[8, 8\] with transpose_x"
+    with pytest.raises(Exception, match=want):
         jax.block_until_ready(cpu_kernels.dot_tn(jnp.ones((4, 8)), jnp.ones((5, 8))))  # 4 tokens against 5
 
 

@@ -120,7 +120,7 @@ def test_gradients_match_torch(tmp_path, shared, scan, amx):
 
     params = model.params if scan else unstack_layers(model.params)
     step = jax.jit(jax.value_and_grad(ours_loss))
-    assert ("sami_panel_matmul" in step.lower(params).as_text()) == amx
+    assert ("sami_dense_matmul" in step.lower(params).as_text()) == amx
     value, grads = step(params)
     if not scan:
         assert isinstance(grads["layers"], tuple)
@@ -137,13 +137,13 @@ def test_amx_products_follow_the_remat_policy(model, amx, remat, calls):
     calls; `dots_no_batch` keeps their outputs as it keeps XLA's dots (no forward products again in the
     backward pass), `full` recomputes them (all but the down projection's, whose output the layer's backward
     pass does not read). The vocabulary head adds 3 (its chunk logits, their recompute, the rows' gradient).
-    The weight gradients are the transposed product's calls: the layer's 7 and the head's."""
+    The weight gradients (x^T dy, x read transposed) are 7 more and the head's 1."""
     optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant")
     tokens, att, lm = (x.reshape(2, 2, *x.shape[1:]) for x in _batch(4))
     text = sami_step.lower(init_train_state(model.params, optim), tokens, att, lm, config=model.config,
                            optim=optim, remat=remat).compile().as_text()
-    assert text.count('custom_call_target="sami_panel_matmul"') == (calls + 3 if amx else 0)
-    assert text.count('custom_call_target="sami_transposed_matmul"') == (7 + 1 if amx else 0)
+    assert text.count('custom_call_target="sami_dense_matmul"') == (calls + 3 + 7 + 1 if amx else 0)
+    assert text.count("transpose_x = true") == (7 + 1 if amx else 0)
 
 
 def test_bf16_compute_step_matches_torch_autocast(tmp_path):

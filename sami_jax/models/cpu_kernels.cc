@@ -11,8 +11,8 @@
 // sami_block_matmul: the same product for W stored as blocks of 8-bit integers (see QBlock): each weight is
 // rebuilt exactly as the float32 (q * d) + m it stands for, so the outputs are bit for bit the panel matmul's.
 //
-// sami_transposed_matmul: y [M, N] = x^T dy for x [D, M] and dy [D, N], a training weight's gradient over D
-// tokens, with both read as XLA holds them (see TransposedMatmul).
+// sami_dense_matmul: training's products x W, dy W^T and x^T dy with each operand read as XLA holds it (see
+// DenseMatmul).
 //
 // All three run products of more than 16 rows on AMX tiles where the CPU has them, to float32's accuracy (see
 // amx_tile; sami_amx turns that off).
@@ -32,6 +32,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -409,18 +410,51 @@ inline __mmask16 lanes(int64_t n) {
   return n >= kWidth ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// Inputs 0 .. 31 of a row x (n of them there, zeros past them) as their three pieces' 16 pairs: lane t of pair[i]
+// holds piece i of x[2t] in its low 16 bits and of x[2t + 1] in its high 16 (a row of an A tile).
+inline void row_pairs(const float* x, int64_t n, __m512i* pair) {
+  __m512i lo[kPieces], hi[kPieces];
+  split3(_mm512_maskz_loadu_ps(lanes(n), x), lo);
+  split3(_mm512_maskz_loadu_ps(lanes(n - kWidth), x + kWidth), hi);
+  for (int64_t i = 0; i < kPieces; ++i)
+    pair[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(lo[i], 16))),
+                                 _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi[i], 16)), 1);
+}
+
 // rows (<= 16) of x [rows, K] as A tiles out [KC][3][16 rows][32 inputs], zero past `rows` and K.
 void split_rows(const float* x, int64_t rows, int64_t K, uint16_t* out) {
   const int64_t KC = (K + kTileK - 1) / kTileK;
   for (int64_t r = 0; r < kTileRows; ++r)
-    for (int64_t k = 0; k < KC * kTileK; k += kWidth) {
-      __m512i piece[kPieces];
-      split3(_mm512_maskz_loadu_ps(lanes(r < rows ? K - k : 0), x + r * K + k), piece);
+    for (int64_t kc = 0; kc < KC; ++kc) {
+      __m512i pair[kPieces];
+      row_pairs(x + r * K + kc * kTileK, r < rows ? K - kc * kTileK : 0, pair);
       for (int64_t i = 0; i < kPieces; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ((k / kTileK) * kPieces + i) * kTileElems + r * kTileK +
-                                                       k % kTileK),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(piece[i], 16)));
+        _mm512_storeu_si512(out + (kc * kPieces + i) * kTileElems + r * kTileK, pair[i]);
     }
+}
+
+// Each piece's 16 x 16 pairs turned by a register transpose and stored as the tile at out[i * kTileElems].
+inline void store_transposed(f32x16 (&pairs)[kPieces][kTileRows], uint16_t* out) {
+  for (int64_t i = 0; i < kPieces; ++i) {
+    transpose16(pairs[i]);
+    for (int64_t r = 0; r < kTileRows; ++r) std::memcpy(out + i * kTileElems + r * kTileK, &pairs[i][r], sizeof(f32x16));
+  }
+}
+
+// One panel from the rows of W^T: rows (<= 16) of w [rows, K] (output columns, each over the K inputs) as B tiles
+// out [KC][3][16 pairs of inputs][16 x 2], zero past `rows` and K: each row's pairs as split_rows forms them,
+// then turned by a 16 x 16 register transpose.
+void split_rows_t(const float* w, int64_t rows, int64_t K, uint16_t* out) {
+  const int64_t KC = (K + kTileK - 1) / kTileK;
+  for (int64_t kc = 0; kc < KC; ++kc) {
+    f32x16 pairs[kPieces][kTileRows];
+    for (int64_t c = 0; c < kTileRows; ++c) {
+      __m512i pair[kPieces];
+      row_pairs(w + c * K + kc * kTileK, c < rows ? K - kc * kTileK : 0, pair);
+      for (int64_t i = 0; i < kPieces; ++i) pairs[i][c] = reinterpret_cast<f32x16>(pair[i]);
+    }
+    store_transposed(pairs, out + kc * kPieces * kTileElems);
+  }
 }
 
 // Inputs 2t and 2t + 1 of 16 columns (a and b) as their three pieces' pairs: lane c of pair[i] holds piece i
@@ -456,11 +490,7 @@ void split_cols(const float* x, int64_t D, int64_t M, int64_t a0, int64_t rows, 
             d + 1 < D ? _mm512_maskz_loadu_ps(mask, x + (d + 1) * M + a0) : zero, pair);
       for (int64_t i = 0; i < kPieces; ++i) pairs[i][t] = reinterpret_cast<f32x16>(pair[i]);
     }
-    for (int64_t i = 0; i < kPieces; ++i) {
-      transpose16(pairs[i]);
-      for (int64_t r = 0; r < kTileRows; ++r)
-        std::memcpy(out + (kc * kPieces + i) * kTileElems + r * kTileK, &pairs[i][r], sizeof(f32x16));
-    }
+    store_transposed(pairs, out + kc * kPieces * kTileElems);
   }
 }
 
@@ -524,7 +554,8 @@ struct Job {
   const float* x = nullptr;     // [R, K], or [K, R] if x_transposed (AMX only)
   const float* w = nullptr;     // float32 panels, or
   const uint8_t* wq = nullptr;  // block-stored ones, or
-  const float* w_rows = nullptr;  // weights as they are, [K, N] (AMX only)
+  const float* w_rows = nullptr;  // weights as they are, [K, N], or
+  const float* w_cols = nullptr;  // transposed, [N, K] (these two on AMX only)
   bool x_transposed = false;
   float* y = nullptr;
   uint64_t id = next_job_id.fetch_add(1, std::memory_order_relaxed);
@@ -614,6 +645,11 @@ struct Job {
       thread_local std::vector<float> rebuilt;  // a block-stored panel as float32 [K, 16]
       const __m512 zero = _mm512_setzero_ps();
       for (int64_t p = p0; p < p0 + group; ++p) {
+        if (w_cols != nullptr) {  // the panel's 16 columns from 16 rows of W^T
+          split_rows_t(w_cols + p * kWidth * K, std::clamp<int64_t>(N - p * kWidth, 0, kWidth), K,
+                       out + (p - p0) * KC * kTilesBytes);
+          continue;
+        }
         if (w_rows != nullptr) {  // the panel's inputs 2t and 2t + 1 straight from the rows of W
           const __mmask16 mask = lanes(N - p * kWidth);  // (none past P: zero tiles)
           auto row = [&](int64_t k) { return k < K ? _mm512_maskz_loadu_ps(mask, w_rows + k * N + p * kWidth) : zero; };
@@ -743,40 +779,52 @@ ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-// y [M, N] = x^T dy for x [D, M] and dy [D, N]: a weight's gradient, with D the tokens. On AMX, both are read as
-// they are (x^T's tiles transposed in registers); else x^T and dy's panels are formed for the float32 tiles.
-ffi::Error TransposedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                            ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), dd = dy.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || dd.size() != 2 || yd.size() != 2 || dd[0] != xd[0] || yd[0] != xd[1] || yd[1] != dd[1]) {
+// y [M, N] = op(x) op(w), op(a) = a or a^T as transpose_x / transpose_w say: x [M, K] or [K, M], w [K, N] or
+// [N, K] (not both transposed), all as XLA holds them. Training's products: x W, dy W^T and the weight gradient
+// x^T dy. On AMX each operand's tiles are formed from it as it is (rows, or columns turned in registers), so no
+// transposed or packed copy goes through memory; else x^T and the weights' panels are formed for the float32
+// tiles.
+ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y, bool transpose_x, bool transpose_w) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const bool ranks = xd.size() == 2 && wd.size() == 2 && yd.size() == 2;
+  const int64_t M = ranks ? xd[transpose_x ? 1 : 0] : 0, K = ranks ? xd[transpose_x ? 0 : 1] : 0,
+                N = ranks ? wd[transpose_w ? 0 : 1] : 0;
+  if (!ranks || wd[transpose_w ? 1 : 0] != K || yd[0] != M || yd[1] != N || (transpose_x && transpose_w)) {
+    auto dims = [](auto d) {
+      std::string s = "[";
+      for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+      return s + "]";
+    };
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "sami_transposed_matmul: want x [D, M], dy [D, N] and y [M, N]");
+                      "sami_dense_matmul: want x [M, K] (or [K, M] with transpose_x), w [K, N] (or [N, K] with "
+                      "transpose_w, not both) and y [M, N]; got x " + dims(xd) + ", w " + dims(wd) + ", y " +
+                      dims(yd) + (transpose_x ? " with transpose_x" : "") + (transpose_w ? " with transpose_w" : ""));
   }
-  const int64_t D = xd[0], M = xd[1], N = dd[1];
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
   float* out = y->typed_data();
-  if (D == 0) {
+  if (K == 0) {
     std::fill(out, out + M * N, 0.0f);
     return ffi::Error::Success();
   }
 #ifdef SAMI_AMX
   if (M > kOnePass && amx_ready()) {
-    auto job = new_job(out, M, D, N);
-    job->x = x.typed_data();
-    job->x_transposed = true;
-    job->w_rows = dy.typed_data();
+    auto job = new_job(out, M, K, N);
+    job->x = xs;
+    job->x_transposed = transpose_x;
+    (transpose_w ? job->w_cols : job->w_rows) = ws;
     run_on_amx(pool, *job);
     return ffi::Error::Success();
   }
 #endif
-  const float* xs = x.typed_data();
-  const float* ds = dy.typed_data();
   const int64_t P = (N + kWidth - 1) / kWidth;
-  std::vector<float> xt(M * D), panels(P * D * kWidth, 0.0f);
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t m = 0; m < M; ++m) xt[m * D + d] = xs[d * M + m];
-    for (int64_t n = 0; n < N; ++n) panels[(n / kWidth * D + d) * kWidth + n % kWidth] = ds[d * N + n];
+  std::vector<float> xt(transpose_x ? M * K : 0), panels(P * K * kWidth, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t m = 0; m < (transpose_x ? M : 0); ++m) xt[m * K + k] = xs[k * M + m];
+    for (int64_t n = 0; n < N; ++n) panels[(n / kWidth * K + k) * kWidth + n % kWidth] = transpose_w ? ws[n * K + k] : ws[k * N + n];
   }
-  product(pool, xt.data(), panels.data(), nullptr, out, M, D, N);
+  product(pool, transpose_x ? xt.data() : xs, panels.data(), nullptr, out, M, K, N);
   return ffi::Error::Success();
 }
 
@@ -1240,12 +1288,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_panel_matmul, PanelMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_transposed_matmul, TransposedMatmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_dense_matmul, DenseMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_x")
+                                  .Attr<bool>("transpose_w"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_block_matmul, BlockMatmul,
                               ffi::Ffi::Bind()

@@ -20,10 +20,9 @@ $SAMI_JAX_CACHE (default ~/.cache/sami_jax) by a hash of the source, the jaxlib 
 SAMI_JAX_CPU_KERNELS selects: "auto" (the default) uses them on x86 CPUs with AVX-512, where the matmul
 is measured faster than XLA's GEMM at every row count; "1" wherever it builds; "0" never. Without a
 compiler, or if the build fails, a warning names the cause and the sampler keeps XLA's ops.
-The matmul also serves training where the CPU has AMX (`dot`, packing the weight at each call), with the
-transposed product for weight gradients (`dot_tn`, x^T dy read as they are): `transformer._matmuls_amx`
-gives them a custom VJP (x W, dy W^T and x^T dy on the kernels), and `logprobs.vocab_logprobs` runs the
-vocabulary head's products on them. The other kernels are forward only.
+Training's products run on the same AMX tiles where the CPU has them (`dot`, `dot_nt`, `dot_tn`: x W, dy W^T and
+x^T dy, each operand read as XLA holds it): `transformer._matmuls_amx` gives them a custom VJP, and
+`logprobs.vocab_logprobs` runs the vocabulary head's products on them. The other kernels are forward only.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ ATTENTION_TARGET = "sami_attention"
 TOP_P_TARGET = "sami_top_p_threshold"
 BLOCK_TARGET = "sami_block_matmul"
 ARGMAX_TARGET = "sami_argmax"
-TRANSPOSED_TARGET = "sami_transposed_matmul"
+DENSE_TARGET = "sami_dense_matmul"
 WIDTH = 16  # output columns per panel
 ONE_PASS_ROWS = 16  # products of more rows run on AMX tiles where the CPU has them (kOnePass)
 BLOCK = 32  # inputs per block of a block-stored panel (`pack_blocks`)
@@ -112,7 +111,7 @@ def load() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        for target in (TARGET, BLOCK_TARGET, TRANSPOSED_TARGET, ATTENTION_TARGET, TOP_P_TARGET, ARGMAX_TARGET):
+        for target in (TARGET, BLOCK_TARGET, DENSE_TARGET, ATTENTION_TARGET, TOP_P_TARGET, ARGMAX_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
         lib.sami_pack_blocks.restype = lib.sami_amx.restype = ctypes.c_int
         lib.sami_amx(0 if os.environ.get("SAMI_JAX_AMX", "auto").strip().lower() == "0" else 1)
@@ -159,17 +158,26 @@ def matmul(x_rk: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x_rk.shape[0], n), jnp.float32))(x_rk, panels)
 
 
-def dot(x_rk: jax.Array, w_nk: jax.Array) -> jax.Array:
-    """x [R, K] @ w [N, K]^T, both float32, on `matmul` with w packed as panels for this call (an XLA
-    transpose of w): [R, N] float32. Training's products, whose weights change at every step."""
-    return matmul(x_rk, pack(w_nk), w_nk.shape[0])
+def _dense(x: jax.Array, w: jax.Array, rows: int, cols: int, transpose_x: bool, transpose_w: bool) -> jax.Array:
+    return jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((rows, cols), jnp.float32))(
+        x, w, transpose_x=transpose_x, transpose_w=transpose_w)
+
+
+def dot(x_rk: jax.Array, w_kn: jax.Array) -> jax.Array:
+    """x [R, K] @ w [K, N], both float32: [R, N] float32. Training's products, whose weights change at every step:
+    on AMX each operand's tiles are formed from it as it is, with no packed copy of w. Needs `load()`; CPU only."""
+    return _dense(x_rk, w_kn, x_rk.shape[0], w_kn.shape[1], False, False)
+
+
+def dot_nt(x_rk: jax.Array, w_nk: jax.Array) -> jax.Array:
+    """x [R, K] @ w [N, K]^T, both float32: [R, N] float32 (`dot` with w read transposed, e.g. dy W^T)."""
+    return _dense(x_rk, w_nk, x_rk.shape[0], w_nk.shape[0], False, True)
 
 
 def dot_tn(x_dm: jax.Array, y_dn: jax.Array) -> jax.Array:
-    """x [D, M]^T @ y [D, N], both float32: [M, N] float32, a weight's gradient x^T dy over D tokens. On AMX
-    both are read as they are (no transposed copy in memory). Needs `load()`; CPU only."""
-    return jax.ffi.ffi_call(TRANSPOSED_TARGET, jax.ShapeDtypeStruct((x_dm.shape[1], y_dn.shape[1]), jnp.float32))(
-        x_dm, y_dn)
+    """x [D, M]^T @ y [D, N], both float32: [M, N] float32, a weight's gradient x^T dy over D tokens (`dot` with x
+    read transposed)."""
+    return _dense(x_dm, y_dn, x_dm.shape[1], y_dn.shape[1], True, False)
 
 
 def pack_blocks(panels) -> np.ndarray | None:

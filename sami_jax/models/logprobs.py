@@ -10,8 +10,8 @@ pass recomputes one chunk's logits at a time, turns them into the gradient of th
 contracts it at once into the rows' gradient (accumulated) and the chunk's rows of the weight gradient.
 One more matmul of the head's size than autodiff's, and no pass over a matrix of logits in memory.
 
-With `kernel`, each chunk's logits and the rows' gradient are products on `cpu_kernels.dot` and its weight
-gradient on `cpu_kernels.dot_tn` (AMX tiles at float32 accuracy, see `transformer._matmuls_amx`). SmolLM2's
+With `kernel`, each chunk's logits, the rows' gradient and the chunk's weight gradient are products on
+`cpu_kernels.dot_nt`, `dot` and `dot_tn` (AMX tiles at float32 accuracy, see `transformer._matmuls_amx`). SmolLM2's
 head at the CPU benchmark's shapes (640 rows, forward and backward, 2 cores): 0.63 s against 0.76 s with the
 first two on the kernel; the chunk of 1,024 rows was the fastest of 512-4,096 both ways. The weight
 gradient through `dot` (transposed copies of both operands) was no faster; `dot_tn`'s is 0.58x XLA's.
@@ -39,7 +39,7 @@ def _chunked(w_vd, chunk: int):
 def _chunk_logits(x_nd, w_cd, i, chunk: int, v: int, kernel: bool):
     """float32 logits [n, chunk] of chunk i; columns past the vocabulary (padding) at -inf."""
     if kernel:
-        logits = cpu_kernels.dot(x_nd, w_cd)
+        logits = cpu_kernels.dot_nt(x_nd, w_cd)
     else:
         logits = jnp.einsum("nd,cd->nc", x_nd, w_cd, preferred_element_type=jnp.float32)
     if v % chunk:
@@ -76,7 +76,7 @@ def vocab_logprobs(x_nd: jax.Array, w_vd: jax.Array, targets_n: jax.Array, chunk
                    kernel: bool = False) -> jax.Array:
     """float32 [n]: log_softmax(x [n, d] @ w [v, d]^T)[i, targets[i]], computed `chunk` vocabulary rows at a
     time (see the module docstring). w is the head as [v, d]: a tied embedding table as it is. `kernel`: the
-    products on `cpu_kernels.dot` and `dot_tn` (float32 x and w on a CPU, the kernels loaded)."""
+    products on `cpu_kernels.dot_nt`, `dot` and `dot_tn` (float32 x and w on a CPU, the kernels loaded)."""
     return _forward(x_nd, w_vd, targets_n, chunk, kernel)[0]
 
 
@@ -97,7 +97,7 @@ def _vocab_logprobs_bwd(chunk, kernel, res, g_n):
         dlogits = g_n[:, None] * (onehot.astype(jnp.float32) - jnp.exp(logits - lse[:, None]))
         dlogits = dlogits.astype(x_nd.dtype)
         if kernel:
-            dx_nd = dx_nd + cpu_kernels.dot(dlogits, w_cd.T)
+            dx_nd = dx_nd + cpu_kernels.dot(dlogits, w_cd)
             dw_cd = cpu_kernels.dot_tn(dlogits, x_nd)
         else:
             dx_nd = dx_nd + jnp.einsum("nc,cd->nd", dlogits, w_cd, preferred_element_type=jnp.float32)

@@ -104,21 +104,22 @@ _matmuls_cpu.defvjp(_matmuls_cpu_fwd, _matmuls_cpu_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmuls_amx(x, ws, n_in):
-    """`_matmuls_cpu` with x W and dy W^T on `cpu_kernels.matmul`, whose products of more than 16 rows run on
-    AMX tiles at float32 accuracy (each float32 split exactly into three bf16 pieces); each call packs its
-    weight as panels (an XLA transpose of the weight); dW = x^T dy on `cpu_kernels.dot_tn`, which reads x and
-    dy as they are (0.56-0.76x the time of XLA's transpose and dot at SmolLM2's shapes). Its outputs carry the
-    name CPU_DOT, which the dot remat policies keep. Float32, unsharded, on a CPU with AMX (`_project`).
+    """`_matmuls_cpu` on the CPU kernel's AMX tiles at float32 accuracy (each float32 split exactly into three bf16
+    pieces): x W on `cpu_kernels.dot`, dy W^T on `dot_nt` and dW = x^T dy on `dot_tn`, each operand read as XLA
+    holds it (no transposed or packed copy). Its outputs carry the name CPU_DOT, which the dot remat policies
+    keep. Float32, unsharded, on a CPU with AMX (`_project`).
 
     In a SAMI step on SmolLM2 (2 cores, shared prompts, `dots_no_batch`, 4 micro-batches, one process,
-    alternating): 14.34 s against 15.08 s with XLA's dots; with the weights packed once per step instead
-    (two more copies of them, sliced per layer), 15.05-17.15 s: slower than packing at each call."""
+    alternating): 14.34 s against 15.08 s with XLA's dots, when each call packed its weight as panels with an XLA
+    transpose (session 27); dW on `dot_tn` instead of XLA's transpose and dot: paired ratio 0.914 (session 30);
+    the weights read as they are instead of packed by XLA: 0.92-1.05x per product, 0.99 in the step (session
+    31, within the VM's noise)."""
     return _amx_products(x, ws, n_in)
 
 
 def _amx_products(x, ws, n_in):
     lead, x2 = _rows(x, n_in)
-    ys = (checkpoint_name(cpu_kernels.dot(x2, w.reshape(x2.shape[1], -1).T), CPU_DOT) for w in ws)
+    ys = (checkpoint_name(cpu_kernels.dot(x2, w.reshape(x2.shape[1], -1)), CPU_DOT) for w in ws)
     return tuple(y.reshape(*lead, *w.shape[n_in:]) for y, w in zip(ys, ws, strict=True))
 
 
@@ -130,7 +131,7 @@ def _matmuls_amx_bwd(n_in, res, dys):
     x, ws = res
     _, x2 = _rows(x, n_in)
     dy2s = [dy.reshape(x2.shape[0], -1) for dy in dys]
-    dx = sum(cpu_kernels.dot(dy2, w.reshape(x2.shape[1], -1)) for w, dy2 in zip(ws, dy2s, strict=True))
+    dx = sum(cpu_kernels.dot_nt(dy2, w.reshape(x2.shape[1], -1)) for w, dy2 in zip(ws, dy2s, strict=True))
     dws = (cpu_kernels.dot_tn(x2, dy2).reshape(w.shape) for w, dy2 in zip(ws, dy2s, strict=True))
     return dx.reshape(x.shape), tuple(dws)
 
