@@ -201,6 +201,60 @@ def test_attention_equals_numpy(b, t, h, kv, d, s):
     np.testing.assert_allclose(np.asarray(out), _attention_numpy(q, k, v, mask), rtol=0, atol=1e-5)
 
 
+def _training_attention_numpy(q, k, v, mask, g):
+    """Float64 softmax attention and its gradients by the chain rule, loop by loop: q [b, t, h, d], k and v
+    [b, s, kv, d], mask [b, t, s], the output's gradient g like q. Returns out, lse [b, t, h] (0 for a query with
+    no unmasked slot, which averages all values), dq, dk, dv."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q, k, v, g = (a.astype(np.float64) for a in (q, k, v, g))
+    out, dq, lse = np.zeros_like(q), np.zeros_like(q), np.zeros((b, t, h))
+    dk, dv = np.zeros_like(k), np.zeros_like(v)
+    for i in range(b):
+        for j in range(h):
+            kk, vv = k[i, :, j // (h // kv)], v[i, :, j // (h // kv)]
+            for u in range(t):
+                m = mask[i, u]
+                if m.any():
+                    x = np.where(m, kk @ q[i, u, j] / np.sqrt(d), -np.inf)
+                    lse[i, u, j] = x.max() + np.log(np.exp(x - x.max()).sum())
+                    p = np.exp(x - lse[i, u, j])
+                else:
+                    p = np.full(len(m), 1 / len(m))
+                out[i, u, j] = p @ vv
+                dv[i, :, j // (h // kv)] += np.outer(p, g[i, u, j])
+                if m.any():  # d out / d scores, through the softmax; the empty row's scores are constants
+                    dx = p * (vv @ g[i, u, j] - p @ (vv @ g[i, u, j])) / np.sqrt(d)
+                    dq[i, u, j] = dx @ kk
+                    dk[i, :, j // (h // kv)] += np.outer(dx, q[i, u, j])
+    return out, lse, dq, dk, dv
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,s,kv,g,d", [(2, 37, 37, 3, 3, 64), (1, 40, 72, 3, 3, 64), (3, 5, 9, 2, 2, 8),
+                                          (2, 20, 20, 1, 4, 24), (1, 1, 7, 2, 1, 16)])
+def test_training_attention_and_gradients_equal_numpy(b, t, s, kv, g, d):
+    """Training's attention kernels (`attention.gqa_attention(kernel=True)`: `cpu_kernels.attention_train` and
+    `attention_grad`) against float64 loops: output, log-sum-exp and the gradients of q, k and v, for causal masks
+    over a prefix of keys (a window after SAMI's shared prompt) with random holes, a query with no unmasked slot,
+    grouped and ungrouped heads, head dims that are and are not a multiple of 16, one query."""
+    from sami_jax.models import attention
+
+    rng = np.random.default_rng(b * 7 + t + s)
+    q = rng.standard_normal((b, t, kv * g, d), dtype=np.float32)
+    k, v = (rng.standard_normal((b, s, kv, d), dtype=np.float32) for _ in range(2))
+    mask = (rng.random((b, t, s)) < 0.7) & (np.arange(s)[None, None, :] <= np.arange(t)[None, :, None] + s - t)
+    mask[0, 0] = False
+    cot = rng.standard_normal(q.shape, dtype=np.float32)
+    ref = _training_attention_numpy(q, k, v, mask, cot)
+    _, lse = cpu_kernels.attention_train(jnp.asarray(q).reshape(b, t, kv, g, d), k, v, jnp.asarray(mask))
+    out, vjp = jax.vjp(lambda q, k, v: attention.gqa_attention(q, k, v, jnp.asarray(mask), kernel=True), q, k, v)
+    for name, ours, want in zip(["out", "lse", "dq", "dk", "dv"], [out, lse.reshape(b, t, kv * g), *vjp(cot)], ref,
+                                strict=True):
+        np.testing.assert_allclose(np.asarray(ours), want, rtol=0, atol=2e-5 * max(1.0, np.abs(want).max()),
+                                   err_msg=name)
+
+
 def _top_p_threshold_numpy(p, top_p):
     """The smallest probability whose larger ones sum (in float64, in sorted order) below top_p, with its own
     it reaches top_p; 0 if the whole row stays below."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from sami_jax.models import cpu_kernels
 from sami_jax.models.config import ModelConfig, RopeScaling
 
 _NEG = float(np.finfo(np.float32).min)  # finite: a fully masked (padding) row stays NaN-free
@@ -71,14 +73,14 @@ def attention_mask(q_idx_bt: jax.Array, kv_idx_bs: jax.Array, kv_valid_bs: jax.A
 
 def prefix_windows_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, valid_bt: jax.Array,
                              positions_bt: jax.Array, prefix: int, window: int,
-                             sliding_window: int | None) -> jax.Array:
+                             sliding_window: int | None, kernel: bool = False) -> jax.Array:
     """Attention over rows laid out as a prefix of `prefix` slots followed by windows of `window` slots, each
     window continuing the prefix alone (SAMI's prompt shared by its responses): a prefix token sees the
     earlier prefix tokens, a window token the prefix and the earlier tokens of its own window. Only those
     blocks are computed: [P, P] for the prefix and [n, P + n] per window, instead of the whole row's
     [P + w n]^2 under a mask (about half the scores for SAMI's shapes). valid_bt marks real tokens (padding
     is never seen); sliding windows count RoPE positions, as a window's slots lie after the earlier
-    windows'. Returns [b, t, h, d] with t = prefix + w * window.
+    windows'. `kernel`: as `gqa_attention`'s. Returns [b, t, h, d] with t = prefix + w * window.
     """
     b, t, h, d = q_bthd.shape
     p, n = prefix, window
@@ -87,7 +89,7 @@ def prefix_windows_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
         raise ValueError(f"{t} slots are not a prefix of {p} and windows of {n}")
     slots = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     out_p = gqa_attention(q_bthd[:, :p], k_bskd[:, :p], v_bskd[:, :p],
-                          attention_mask(slots, slots, valid_bt[:, :p], sliding_window))
+                          attention_mask(slots, slots, valid_bt[:, :p], sliding_window), kernel)
 
     def with_prefix(x):  # [b, t, ...] -> [b * w, p + n, ...]: the prefix, then one window. A copy of the
         # prefix per window: on a CPU this plain attention beat one product of all windows' queries against
@@ -102,7 +104,8 @@ def prefix_windows_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
     if sliding_window is not None:
         pos = with_prefix(positions_bt)
         mask &= pos[:, p:, None] - pos[:, None, :] < sliding_window
-    out_w = gqa_attention(q_bthd[:, p:].reshape(b * w, n, h, d), with_prefix(k_bskd), with_prefix(v_bskd), mask)
+    out_w = gqa_attention(q_bthd[:, p:].reshape(b * w, n, h, d), with_prefix(k_bskd), with_prefix(v_bskd), mask,
+                          kernel)
     return jnp.concatenate([out_p, out_w.reshape(b, w * n, h, d)], axis=1)
 
 
@@ -146,9 +149,45 @@ def _probs(scores_bkgts: jax.Array, mask_bts: jax.Array, head_dim: int, dtype) -
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
-def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Softmax attention with grouped KV heads; logits and softmax in float32. Returns [b, t, h, d]."""
-    return _heads_first(q_bthd, k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3), mask_bts)
+def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
+                  kernel: bool = False) -> jax.Array:
+    """Softmax attention with grouped KV heads; logits and softmax in float32. Returns [b, t, h, d].
+
+    `kernel`: where the program is lowered for a CPU, forward and backward on the CPU kernels (`_kernel_attention`;
+    float32, one device, the kernels loaded: see `transformer.training_kernels`); elsewhere XLA's ops as without."""
+    def xla(q, k, v, mask):
+        return _heads_first(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+
+    if not kernel:
+        return xla(q_bthd, k_bskd, v_bskd, mask_bts)
+    return jax.lax.platform_dependent(q_bthd, k_bskd, v_bskd, mask_bts, cpu=_kernel_attention, default=xla)
+
+
+@jax.custom_vjp
+def _kernel_attention(q_bthd, k_bskd, v_bskd, mask_bts):
+    """`gqa_attention` on `cpu_kernels.attention_train`, with its gradients from `cpu_kernels.attention_grad`: each
+    (row, KV head) reads only the slots from a chunk of queries' first unmasked one to its last, and no [t, s]
+    scores or probabilities go through memory. The output and its log-sum-exp carry the name CPU_DOT, which the
+    dot remat policies keep, so the backward pass does not run the forward kernel again."""
+    return _kernel_attention_fwd(q_bthd, k_bskd, v_bskd, mask_bts)[0]
+
+
+def _kernel_attention_fwd(q_bthd, k_bskd, v_bskd, mask_bts):
+    b, t, h, d = q_bthd.shape
+    kv_heads = k_bskd.shape[2]
+    q = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+    out, lse = cpu_kernels.attention_train(q, k_bskd, v_bskd, mask_bts)
+    out, lse = checkpoint_name(out, cpu_kernels.CPU_DOT), checkpoint_name(lse, cpu_kernels.CPU_DOT)
+    return out.reshape(b, t, h, d), (q, k_bskd, v_bskd, mask_bts, out, lse)
+
+
+def _kernel_attention_bwd(res, g_bthd):
+    q, k, v, mask, out, lse = res
+    dq, dk, dv = cpu_kernels.attention_grad(q, k, v, mask, out, lse, g_bthd.reshape(q.shape))
+    return dq.reshape(g_bthd.shape), dk, dv, None
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
 def _heads_first(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:

@@ -19,6 +19,8 @@
 //
 // sami_attention: a prefill's or a decode step's attention over a layer's KV cache, see Attention.
 //
+// sami_attention_train, sami_attention_grad: training's attention and its gradients, see AttentionTrain.
+//
 // sami_top_p_threshold: each row's nucleus threshold for top-p sampling, see TopPThreshold.
 //
 // sami_argmax: each row's index of its largest value, for greedy decoding, see Argmax.
@@ -888,9 +890,10 @@ inline f32x16 exp16(f32x16 x) {
 }
 
 // Softmax in place over p[lo, hi) of scale * p, lo a multiple of 16 (p readable up to hi rounded up to 16):
-// over the lanes that keep(s0) marks (all ones) in each block of 16 from s0; the other lanes get 0.
+// over the lanes that keep(s0) marks (all ones) in each block of 16 from s0; the other lanes get 0. Returns the
+// log of the sum of exp(scale * p) over the kept lanes (what the backward pass rebuilds the softmax from).
 template <class Keep>
-void softmax(float* p, int64_t lo, int64_t hi, float scale, Keep keep) {
+float softmax(float* p, int64_t lo, int64_t hi, float scale, Keep keep) {
   const f32x16 lowest = f32x16{} + std::numeric_limits<float>::lowest();
   f32x16 top = lowest;
   for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
@@ -908,26 +911,23 @@ void softmax(float* p, int64_t lo, int64_t hi, float scale, Keep keep) {
     sum += e;
     std::memcpy(p + s0, &e, sizeof e);
   }
-  const f32x16 inv = f32x16{} + 1.0f / hsum(sum);
+  const float total = hsum(sum);
+  const f32x16 inv = f32x16{} + 1.0f / total;
   for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
     const f32x16 x = load(p + s0) * inv;
     std::memcpy(p + s0, &x, sizeof x);
   }
+  return mx + std::log(total);
 }
 
-// Attention's queries of one (row, KV head) for T > 1 (a prefill), kQueries (token, query head) pairs at a
-// time so that each key and value read from cache serves all of them, as in a GEMM's register tile: the keys
-// transposed once into kt [D, S16], a chunk's scores 16 slots x kQueries queries per step, over the slots from
-// the chunk's first unmasked one to its last; masked slots get probability 0 (what the float32-minimum score
-// gives beside an unmasked one). q, out: [T, H, G, D] at this head; mask [T, S].
-constexpr int64_t kQueries = 8;
-void attend_block(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t T,
-                  int64_t H, int64_t G, int64_t D, int64_t S, float scale) {
-  typedef int32_t i32x16 __attribute__((vector_size(64)));
-  typedef uint8_t u8x16 __attribute__((vector_size(16)));
-  // Each token's first and last unmasked slot (first > last: none), found 8 mask bytes at a time, and the
-  // slots any token reads, [0, used): a fresh prefill's cache past its tokens is never read.
-  thread_local std::vector<int64_t> first, last;
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+constexpr int64_t kQueries = 8;  // queries per chunk of attend_block and attend_block_grad
+
+// Each token's first and last unmasked slot in mask [T, S] (first > last: none), found 8 mask bytes at a time;
+// returns the number of slots that any token reads, [0, used) (a fresh prefill's cache past its tokens is never
+// read).
+int64_t mask_ranges(const bool* mask, int64_t T, int64_t S, std::vector<int64_t>& first, std::vector<int64_t>& last) {
   first.resize(T);
   last.resize(T);
   int64_t used = 0;
@@ -947,87 +947,215 @@ void attend_block(const float* q, const float* k, const float* v, const bool* ma
     last[t] = l;
     if (f <= l) used = std::max(used, l + 1);
   }
-  const int64_t S16 = (S + kWidth - 1) / kWidth * kWidth;
-  thread_local std::vector<float> kt, p;         // keys [D, S16]; probabilities [kQueries, S16]
-  thread_local std::vector<uint8_t> m;            // the chunk's tokens' masks [kQueries, S16], zero past S
-  thread_local std::vector<float> mean;           // the mean of all S values: a query with no unmasked slot's
-  mean.clear();
-  kt.resize(D * S16);  // (columns from used on hold an earlier unit's keys: read, but always masked)
+  return used;
+}
+
+// Slots [0, used) of x (D floats each, `stride` apart) transposed into xt [D, S16].
+void transpose_slots(const float* x, int64_t stride, int64_t D, int64_t used, int64_t S16, std::vector<float>& xt) {
+  xt.resize(D * S16);  // (columns from used on hold an earlier unit's: read, but always masked)
   for (int64_t s = 0; s < used; ++s)
-    for (int64_t d = 0; d < D; ++d) kt[d * S16 + s] = k[s * D + d];
-  p.resize(kQueries * S16);
-  m.resize(kQueries * S16);
-  const int64_t n = T * G;  // queries, token-major
-  auto at = [=](int64_t j) { return (j / G * H * G + j % G) * D; };  // query j's offset in q and out
-  for (int64_t c0 = 0; c0 < n; c0 += kQueries) {
-    const int64_t nq = std::min(kQueries, n - c0);
-    int64_t lo = S, hi = 0;  // the chunk's slots with any unmasked one
-    bool empty[kQueries];
+    for (int64_t d = 0; d < D; ++d) xt[d * S16 + s] = x[s * stride + d];
+}
+
+// A chunk of attention's queries c0 .. c0 + nq - 1 (token-major, G heads per token): their masks in m
+// [kQueries, S16] (zero past S), which of them have no unmasked slot (empty), and the slots [lo, hi) that the
+// others read, lo a multiple of 16 (lo >= hi: none).
+struct QueryChunk {
+  int64_t nq = 0, lo = 0, hi = 0;
+  bool empty[kQueries] = {};
+  QueryChunk(const bool* mask, int64_t S, int64_t S16, int64_t G, int64_t c0, int64_t n, const int64_t* first,
+             const int64_t* last, uint8_t* m) {
+    nq = std::min(kQueries, n - c0);
+    lo = S;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t t = (c0 + i) / G;
-      uint8_t* mi = m.data() + i * S16;
-      std::memcpy(mi, mask + t * S, S);
-      std::memset(mi + S, 0, S16 - S);
+      std::memcpy(m + i * S16, mask + t * S, S);
+      std::memset(m + i * S16 + S, 0, S16 - S);
       empty[i] = first[t] > last[t];
       if (!empty[i]) lo = std::min(lo, first[t]), hi = std::max(hi, last[t] + 1);
     }
     lo = lo / kWidth * kWidth;
-    // (A chunk's missing queries repeat its last: the loops keep a fixed shape, so their sums stay in registers.)
-    const float* qs[kQueries];
-    for (int64_t i = 0; i < kQueries; ++i) qs[i] = q + at(c0 + std::min(i, nq - 1));
-    // Scores: 16 slots x kQueries queries per step, the sum over d in kQueries independent chains.
-    for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
-      f32x16 acc[kQueries] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const f32x16 kd = load(kt.data() + d * S16 + s0);
-        for (int64_t i = 0; i < kQueries; ++i) acc[i] += qs[i][d] * kd;
+  }
+};
+
+// Query i's mask bytes s0 .. s0 + 15 in m [kQueries, S16] as all-ones lanes.
+inline auto keep_lanes(const uint8_t* m, int64_t S16, int64_t i, int64_t s0) {
+  u8x16 bytes;
+  std::memcpy(&bytes, m + i * S16 + s0, sizeof bytes);
+  return __builtin_convertvector(bytes, i32x16) != 0;
+}
+
+// p[i * S16 + s] = xs[i] . column s of xt [D, S16] for s in [lo, hi) and i < nq: 16 slots x kQueries queries per
+// step, the sum over d in kQueries independent chains (xs[nq ..] repeat xs[nq - 1]: a fixed shape keeps the sums
+// in registers).
+void chunk_scores(const float* const* xs, const float* xt, int64_t S16, int64_t D, int64_t lo, int64_t hi, int64_t nq,
+                  float* p) {
+  for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
+    f32x16 acc[kQueries] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const f32x16 xd = load(xt + d * S16 + s0);
+      for (int64_t i = 0; i < kQueries; ++i) acc[i] += xs[i][d] * xd;
+    }
+    for (int64_t i = 0; i < nq; ++i) std::memcpy(p + i * S16 + s0, &acc[i], sizeof acc[i]);
+  }
+}
+
+// os[i][c] = the sum over s in [lo, hi) of p[i * S16 + s] * rows[s * stride + c], for i < nq and c < D: 32 columns
+// x kQueries queries per step.
+void chunk_weighted(const float* p, int64_t S16, int64_t nq, const float* rows, int64_t stride, int64_t D, int64_t lo,
+                    int64_t hi, float* const* os) {
+  int64_t c = 0;
+  for (; c + 2 * kWidth <= D; c += 2 * kWidth) {
+    f32x16 acc[kQueries][2] = {};
+    for (int64_t s = lo; s < hi; ++s) {
+      const f32x16 v0 = load(rows + s * stride + c), v1 = load(rows + s * stride + c + kWidth);
+      for (int64_t i = 0; i < kQueries; ++i) {
+        const float pis = p[std::min(i, nq - 1) * S16 + s];
+        acc[i][0] += pis * v0;
+        acc[i][1] += pis * v1;
       }
-      for (int64_t i = 0; i < nq; ++i) std::memcpy(p.data() + i * S16 + s0, &acc[i], sizeof acc[i]);
     }
-    // Each query's softmax over its unmasked slots in [lo, hi) (a query with none: the mean of all S values).
+    for (int64_t i = 0; i < nq; ++i) std::memcpy(os[i] + c, acc[i], sizeof acc[i]);
+  }
+  for (; c < D; ++c)
     for (int64_t i = 0; i < nq; ++i) {
-      if (empty[i]) continue;
-      const uint8_t* mi = m.data() + i * S16;
-      softmax(p.data() + i * S16, lo, hi, scale, [mi](int64_t s0) {  // the query's mask, as all-ones lanes
-        u8x16 bytes;
-        std::memcpy(&bytes, mi + s0, sizeof bytes);
-        return __builtin_convertvector(bytes, i32x16) != 0;
-      });
+      float acc = 0.0f;
+      for (int64_t s = lo; s < hi; ++s) acc += p[i * S16 + s] * rows[s * stride + c];
+      os[i][c] = acc;
     }
-    // Values: 32 columns x kQueries queries per step over the slots (a query with no unmasked slot: the mean).
+}
+
+// Attention's queries of one (row, KV head) for T > 1 (a prefill, or training), kQueries (token, query head) pairs
+// at a time so that each key and value read from cache serves all of them, as in a GEMM's register tile: the keys
+// transposed once into kt [D, S16], a chunk's scores over the slots from its first unmasked one to its last
+// (chunk_scores), a softmax per query, the values' weighted sums (chunk_weighted); masked slots get probability 0
+// (what the float32-minimum score gives beside an unmasked one). q, out: [T, H, G, D] at this head; k, v: S slots
+// of D floats, kv_stride apart; mask [T, S]; lse (if not null): [T, H, G] at this head, each query's log-sum-exp
+// of its scaled scores (0 for a query with no unmasked slot, which gets the mean of all S values).
+void attend_block(const float* q, const float* k, const float* v, int64_t kv_stride, const bool* mask, float* out,
+                  float* lse, int64_t T, int64_t H, int64_t G, int64_t D, int64_t S, float scale) {
+  thread_local std::vector<int64_t> first, last;
+  const int64_t used = mask_ranges(mask, T, S, first, last);
+  const int64_t S16 = (S + kWidth - 1) / kWidth * kWidth;
+  thread_local std::vector<float> kt, p;         // keys [D, S16]; probabilities [kQueries, S16]
+  thread_local std::vector<uint8_t> m;            // the chunk's tokens' masks [kQueries, S16]
+  thread_local std::vector<float> mean;           // the mean of all S values: a query with no unmasked slot's
+  mean.clear();
+  transpose_slots(k, kv_stride, D, used, S16, kt);
+  p.resize(kQueries * S16);
+  m.resize(kQueries * S16);
+  const int64_t n = T * G;  // queries, token-major
+  auto at = [=](int64_t j) { return j / G * H * G + j % G; };  // query j's index in [T, H, G]
+  for (int64_t c0 = 0; c0 < n; c0 += kQueries) {
+    const QueryChunk ch(mask, S, S16, G, c0, n, first.data(), last.data(), m.data());
+    const float* qs[kQueries];
     float* os[kQueries];
-    for (int64_t i = 0; i < nq; ++i) os[i] = out + at(c0 + i);
-    for (int64_t i = 0; i < nq; ++i) {
-      if (!empty[i]) continue;
+    for (int64_t i = 0; i < kQueries; ++i) qs[i] = q + at(c0 + std::min(i, ch.nq - 1)) * D;
+    for (int64_t i = 0; i < ch.nq; ++i) os[i] = out + at(c0 + i) * D;
+    chunk_scores(qs, kt.data(), S16, D, ch.lo, ch.hi, ch.nq, p.data());
+    for (int64_t i = 0; i < ch.nq; ++i) {
+      const float l = ch.empty[i] ? 0.0f : softmax(p.data() + i * S16, ch.lo, ch.hi, scale, [&](int64_t s0) {
+        return keep_lanes(m.data(), S16, i, s0);
+      });
+      if (lse != nullptr) lse[at(c0 + i)] = l;
+    }
+    chunk_weighted(p.data(), S16, ch.nq, v, kv_stride, D, ch.lo, ch.hi, os);
+    for (int64_t i = 0; i < ch.nq; ++i) {
+      if (!ch.empty[i]) continue;
       if (mean.empty()) {
         mean.assign(D, 0.0f);
         for (int64_t s = 0; s < S; ++s)
-          for (int64_t c = 0; c < D; ++c) mean[c] += v[s * D + c];
+          for (int64_t c = 0; c < D; ++c) mean[c] += v[s * kv_stride + c];
         for (float& x : mean) x /= static_cast<float>(S);
       }
       std::memcpy(os[i], mean.data(), D * sizeof(float));
     }
-    int64_t c = 0;
-    for (; c + 2 * kWidth <= D; c += 2 * kWidth) {
-      f32x16 acc[kQueries][2] = {};
-      for (int64_t s = lo; s < hi; ++s) {
-        const f32x16 v0 = load(v + s * D + c), v1 = load(v + s * D + c + kWidth);
-        for (int64_t i = 0; i < kQueries; ++i) {
-          const float pis = p[std::min(i, nq - 1) * S16 + s];
-          acc[i][0] += pis * v0;
-          acc[i][1] += pis * v1;
-        }
-      }
-      for (int64_t i = 0; i < nq; ++i)
-        if (!empty[i]) std::memcpy(os[i] + c, acc[i], sizeof acc[i]);
+  }
+}
+
+// attend_block's gradients for one (row, KV head), from its queries, keys, values, mask, outputs, lse and the
+// outputs' gradient dout (laid out as q): dq (as q), and dk, dv (as k and v, all S slots written). Per chunk of
+// kQueries queries, the probabilities p = exp(scale * q.k - lse) and dp = dout . v (chunk_scores over keys and
+// values transposed), ds = scale * p * (dp - dout . out), then dq = ds k (chunk_weighted), and each slot's
+// dk += ds q and dv += p dout over the chunk's queries. A query with no unmasked slot took the mean of all values:
+// it adds dout / S to every slot's dv and has dq = 0 (its scores are constants).
+void attend_block_grad(const float* q, const float* k, const float* v, int64_t kv_stride, const bool* mask,
+                       const float* out, const float* lse, const float* dout, float* dq, float* dk, float* dv,
+                       int64_t T, int64_t H, int64_t G, int64_t D, int64_t S, float scale) {
+  thread_local std::vector<int64_t> first, last;
+  const int64_t used = mask_ranges(mask, T, S, first, last);
+  const int64_t S16 = (S + kWidth - 1) / kWidth * kWidth;
+  thread_local std::vector<float> kt, vt, p, ds;  // keys, values [D, S16]; p and ds [kQueries, S16]
+  thread_local std::vector<uint8_t> m;
+  transpose_slots(k, kv_stride, D, used, S16, kt);
+  transpose_slots(v, kv_stride, D, used, S16, vt);
+  p.resize(kQueries * S16);
+  ds.resize(kQueries * S16);
+  m.resize(kQueries * S16);
+  for (int64_t s = 0; s < S; ++s) {
+    std::fill(dk + s * kv_stride, dk + s * kv_stride + D, 0.0f);
+    std::fill(dv + s * kv_stride, dv + s * kv_stride + D, 0.0f);
+  }
+  const int64_t n = T * G;
+  auto at = [=](int64_t j) { return j / G * H * G + j % G; };
+  const f32x16 scales = f32x16{} + scale;
+  for (int64_t c0 = 0; c0 < n; c0 += kQueries) {
+    const QueryChunk ch(mask, S, S16, G, c0, n, first.data(), last.data(), m.data());
+    const float* qs[kQueries];
+    const float* dos[kQueries];
+    float* dqs[kQueries];
+    for (int64_t i = 0; i < kQueries; ++i) {
+      qs[i] = q + at(c0 + std::min(i, ch.nq - 1)) * D;
+      dos[i] = dout + at(c0 + std::min(i, ch.nq - 1)) * D;
     }
-    for (; c < D; ++c)
-      for (int64_t i = 0; i < nq; ++i) {
-        if (empty[i]) continue;
-        float acc = 0.0f;
-        for (int64_t s = lo; s < hi; ++s) acc += p[i * S16 + s] * v[s * D + c];
-        os[i][c] = acc;
+    for (int64_t i = 0; i < ch.nq; ++i) dqs[i] = dq + at(c0 + i) * D;
+    chunk_scores(qs, kt.data(), S16, D, ch.lo, ch.hi, ch.nq, p.data());
+    chunk_scores(dos, vt.data(), S16, D, ch.lo, ch.hi, ch.nq, ds.data());
+    for (int64_t i = 0; i < ch.nq; ++i) {
+      float* pi = p.data() + i * S16;
+      float* di = ds.data() + i * S16;
+      if (ch.empty[i]) {  // (no slot of its own: zeros, so that the chunk's sums skip it)
+        if (ch.lo < ch.hi) std::fill(pi + ch.lo, pi + ch.hi, 0.0f), std::fill(di + ch.lo, di + ch.hi, 0.0f);
+        continue;
       }
+      const f32x16 l = f32x16{} + lse[at(c0 + i)], row = f32x16{} + dot(dos[i], out + at(c0 + i) * D, D);
+      for (int64_t s0 = ch.lo; s0 < ch.hi; s0 += kWidth) {
+        f32x16 e = exp16(load(pi + s0) * scales - l);
+        e = keep_lanes(m.data(), S16, i, s0) ? e : f32x16{};
+        const f32x16 d = e * (load(di + s0) - row) * scales;
+        std::memcpy(pi + s0, &e, sizeof e);
+        std::memcpy(di + s0, &d, sizeof d);
+      }
+    }
+    chunk_weighted(ds.data(), S16, ch.nq, k, kv_stride, D, ch.lo, ch.hi, dqs);
+    for (int64_t s = ch.lo; s < ch.hi; ++s) {  // (the chunk's weights of slot s first: the stores below are floats)
+      float wk[kQueries] = {}, wv[kQueries] = {};  // (zero past nq: a fixed shape)
+      for (int64_t i = 0; i < ch.nq; ++i) wk[i] = ds[i * S16 + s], wv[i] = p[i * S16 + s];
+      float* dks = dk + s * kv_stride;
+      float* dvs = dv + s * kv_stride;
+      int64_t c = 0;
+      for (; c + kWidth <= D; c += kWidth) {
+        f32x16 ak = load(dks + c), av = load(dvs + c);
+        for (int64_t i = 0; i < kQueries; ++i) {
+          ak += wk[i] * load(qs[i] + c);
+          av += wv[i] * load(dos[i] + c);
+        }
+        std::memcpy(dks + c, &ak, sizeof ak);
+        std::memcpy(dvs + c, &av, sizeof av);
+      }
+      for (; c < D; ++c)
+        for (int64_t i = 0; i < ch.nq; ++i) {
+          dks[c] += wk[i] * qs[i][c];
+          dvs[c] += wv[i] * dos[i][c];
+        }
+    }
+    for (int64_t i = 0; i < ch.nq; ++i) {
+      if (!ch.empty[i]) continue;
+      std::fill(dqs[i], dqs[i] + D, 0.0f);
+      const float inv = 1.0f / static_cast<float>(S);
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t c = 0; c < D; ++c) dv[s * kv_stride + c] += dos[i][c] * inv;
+    }
   }
 }
 
@@ -1167,8 +1295,74 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     const float* kb = ks + unit * S * D;
     const float* vb = vs + unit * S * D;
     const int64_t off = (row * T * H + head) * G * D;  // the unit's first query
-    if (T > 1) return attend_block(qs + off, kb, vb, ms + row * T * S, os + off, T, H, G, D, S, scale);
+    if (T > 1) return attend_block(qs + off, kb, vb, D, ms + row * T * S, os + off, nullptr, T, H, G, D, S, scale);
     attend_one(qs + off, kb, vb, ms + row * S, os + off, G, D, S, scale);
+  });
+  return ffi::Error::Success();
+}
+
+// Training's attention: q [B, T, H, G, D] (H KV heads of G query heads), keys and values [B, S, H, D] as the
+// projections give them, mask [B, T, S]; the forward pass (AttentionTrain) writes out like q and each query's
+// log-sum-exp lse [B, T, H, G], the backward pass (AttentionGrad) dq like q and dk, dv like k. Same function as
+// attention.py's masked softmax in float32 (see Attention). Work units: the B x H (row, KV head) pairs.
+struct TrainShapes {
+  int64_t B = 0, T = 0, H = 0, G = 0, D = 0, S = 0;
+  float scale = 0.0f;
+  // unit u's offsets in q (and out, dq), in k (and v, dk, dv), in mask, in lse
+  int64_t q_at(int64_t u) const { return (u / H * T * H + u % H) * G * D; }
+  int64_t kv_at(int64_t u) const { return (u / H * S * H + u % H) * D; }
+  int64_t mask_at(int64_t u) const { return u / H * T * S; }
+  int64_t lse_at(int64_t u) const { return (u / H * T * H + u % H) * G; }
+};
+
+template <class Q, class K, class M>
+ffi::Error train_shapes(const char* name, const Q& q, const K& k, const K& v, const M& mask, TrainShapes* out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  const bool ok = qd.size() == 5 && kd.size() == 4 && md.size() == 3 && std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) &&
+                  kd[0] == qd[0] && kd[2] == qd[2] && kd[3] == qd[4] && md[0] == qd[0] && md[1] == qd[1] &&
+                  md[2] == kd[1];
+  if (!ok)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      std::string(name) + ": want q [B, T, H, G, D], k and v [B, S, H, D], mask [B, T, S]");
+  *out = {qd[0], qd[1], qd[2], qd[3], qd[4], kd[1], static_cast<float>(1.0 / std::sqrt(static_cast<double>(qd[4])))};
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionTrain(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                          ffi::ResultBuffer<ffi::F32> lse) {
+  TrainShapes z;
+  if (auto e = train_shapes("sami_attention_train", q, k, v, mask, &z); e.failure()) return e;
+  if (z.B * z.T * z.H * z.G * z.D == 0) return ffi::Error::Success();
+  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
+  const bool* ms = mask.typed_data();
+  float *os = out->typed_data(), *ls = lse->typed_data();
+  parallel_for(pool, z.B * z.H, [=](int64_t u) {
+    attend_block(qs + z.q_at(u), ks + z.kv_at(u), vs + z.kv_at(u), z.H * z.D, ms + z.mask_at(u), os + z.q_at(u),
+                 ls + z.lse_at(u), z.T, z.H, z.G, z.D, z.S, z.scale);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out,
+                         ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                         ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  TrainShapes z;
+  if (auto e = train_shapes("sami_attention_grad", q, k, v, mask, &z); e.failure()) return e;
+  float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data();
+  if (z.B * z.T * z.H * z.G * z.D == 0) {  // (no queries: the keys' and values' gradients are zero)
+    std::fill(dks, dks + z.B * z.S * z.H * z.D, 0.0f);
+    std::fill(dvs, dvs + z.B * z.S * z.H * z.D, 0.0f);
+    return ffi::Error::Success();
+  }
+  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data(), *os = out.typed_data();
+  const float *ls = lse.typed_data(), *gs = dout.typed_data();
+  const bool* ms = mask.typed_data();
+  parallel_for(pool, z.B * z.H, [=](int64_t u) {
+    attend_block_grad(qs + z.q_at(u), ks + z.kv_at(u), vs + z.kv_at(u), z.H * z.D, ms + z.mask_at(u), os + z.q_at(u),
+                      ls + z.lse_at(u), gs + z.q_at(u), dqs + z.q_at(u), dks + z.kv_at(u), dvs + z.kv_at(u), z.T, z.H,
+                      z.G, z.D, z.S, z.scale);
   });
   return ffi::Error::Success();
 }
@@ -1311,6 +1505,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_attention, Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_attention_train, AttentionTrain,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_attention_grad, AttentionGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_argmax, Argmax,

@@ -22,7 +22,9 @@ is measured faster than XLA's GEMM at every row count; "1" wherever it builds; "
 compiler, or if the build fails, a warning names the cause and the sampler keeps XLA's ops.
 Training's products run on the same AMX tiles where the CPU has them (`dot`, `dot_nt`, `dot_tn`: x W, dy W^T and
 x^T dy, each operand read as XLA holds it): `transformer._matmuls_amx` gives them a custom VJP, and
-`logprobs.vocab_logprobs` runs the vocabulary head's products on them. The other kernels are forward only.
+`logprobs.vocab_logprobs` runs the vocabulary head's products on them. Training's attention has its own pair,
+forward and backward (`attention_train`, `attention_grad`; AVX-512, the queries of a (row, KV head) in chunks
+over their unmasked slots), behind `attention.gqa_attention(kernel=True)`. The other kernels are forward only.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ TOP_P_TARGET = "sami_top_p_threshold"
 BLOCK_TARGET = "sami_block_matmul"
 ARGMAX_TARGET = "sami_argmax"
 DENSE_TARGET = "sami_dense_matmul"
+ATTENTION_TRAIN_TARGET = "sami_attention_train"
+ATTENTION_GRAD_TARGET = "sami_attention_grad"
+# The name that training's kernel outputs carry (`checkpoint_name`), which the dot remat policies keep as they keep
+# XLA's dots (`transformer.REMAT_POLICIES`).
+CPU_DOT = "cpu_dot"
 WIDTH = 16  # output columns per panel
 ONE_PASS_ROWS = 16  # products of more rows run on AMX tiles where the CPU has them (kOnePass)
 BLOCK = 32  # inputs per block of a block-stored panel (`pack_blocks`)
@@ -111,7 +118,8 @@ def load() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        for target in (TARGET, BLOCK_TARGET, DENSE_TARGET, ATTENTION_TARGET, TOP_P_TARGET, ARGMAX_TARGET):
+        for target in (TARGET, BLOCK_TARGET, DENSE_TARGET, ATTENTION_TARGET, ATTENTION_TRAIN_TARGET,
+                       ATTENTION_GRAD_TARGET, TOP_P_TARGET, ARGMAX_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
         lib.sami_pack_blocks.restype = lib.sami_amx.restype = ctypes.c_int
         lib.sami_amx(0 if os.environ.get("SAMI_JAX_AMX", "auto").strip().lower() == "0" else 1)
@@ -209,6 +217,25 @@ def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts:
     out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))(
         q_bthd.astype(jnp.float32).reshape(shape), k_bksd, v_bksd, mask_bts.astype(bool))
     return out.reshape(b, t, h, d)
+
+
+def attention_train(q_btkgd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
+                    mask_bts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Training's attention (`attention.gqa_attention` in float32) with the keys and values as the projections give
+    them: q [b, t, kv_heads, g, d], k and v [b, s, kv_heads, d], mask [b, t, s] (True: attend). Returns the output
+    [b, t, kv_heads, g, d] and each query's log-sum-exp of its scaled scores [b, t, kv_heads, g] (0 for a query with
+    no unmasked slot, whose output is the mean of all s values), which `attention_grad` takes. Needs `load()`."""
+    out = (jax.ShapeDtypeStruct(q_btkgd.shape, jnp.float32), jax.ShapeDtypeStruct(q_btkgd.shape[:4], jnp.float32))
+    return jax.ffi.ffi_call(ATTENTION_TRAIN_TARGET, out)(q_btkgd, k_bskd, v_bskd, mask_bts.astype(bool))
+
+
+def attention_grad(q_btkgd, k_bskd, v_bskd, mask_bts, out_btkgd, lse_btkg, dout_btkgd):
+    """The gradients (dq, dk, dv), shaped as q, k and v, of `attention_train`'s output for its inputs, its output
+    and log-sum-exp, and the output's gradient dout. Needs `load()`; CPU only."""
+    shapes = (jax.ShapeDtypeStruct(q_btkgd.shape, jnp.float32), jax.ShapeDtypeStruct(k_bskd.shape, jnp.float32),
+              jax.ShapeDtypeStruct(v_bskd.shape, jnp.float32))
+    return jax.ffi.ffi_call(ATTENTION_GRAD_TARGET, shapes)(q_btkgd, k_bskd, v_bskd, mask_bts.astype(bool), out_btkgd,
+                                                           lse_btkg, dout_btkgd)
 
 
 def top_p_threshold(probs_bv: jax.Array, top_p: float) -> jax.Array:

@@ -23,9 +23,9 @@ from sami_jax.models import attention, cpu_kernels, logprobs, moe
 from sami_jax.models.config import ModelConfig
 from sami_jax.sharding import Sharder
 
-# The name of the weight products that run on `cpu_kernels.matmul` (`_matmuls_amx`): the dot policies keep
-# them as they keep XLA's dots.
-CPU_DOT = "cpu_dot"
+# The name of the training kernels' outputs (`_matmuls_amx`, `attention.gqa_attention`'s kernel): the dot policies
+# keep them as they keep XLA's dots.
+CPU_DOT = cpu_kernels.CPU_DOT
 _policies = jax.checkpoint_policies
 # Names of jax.checkpoint policies: what the backward pass may keep instead of recomputing.
 REMAT_POLICIES = {
@@ -139,12 +139,17 @@ def _matmuls_amx_bwd(n_in, res, dys):
 _matmuls_amx.defvjp(_matmuls_amx_fwd, _matmuls_amx_bwd)
 
 
+def training_kernels(*arrays) -> bool:
+    """Whether training runs on the CPU kernels (`_matmuls_amx`, `attention.gqa_attention`'s kernel): float32
+    arrays, a CPU backend, and the kernels built with AMX tiles (`SAMI_JAX_CPU_KERNELS`, `SAMI_JAX_AMX`); the
+    callers add: one device (the kernels are calls XLA cannot partition)."""
+    return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
+            and cpu_kernels.enabled() and cpu_kernels.amx())
+
+
 def _amx_applies(x, ws, n_in: int) -> bool:
-    """Whether `_matmuls_amx` takes these products: float32, more rows than a decode step's, and the CPU
-    kernels built with AMX tiles (`SAMI_JAX_CPU_KERNELS`, `SAMI_JAX_AMX`)."""
-    rows = math.prod(x.shape[:x.ndim - n_in])
-    return (jax.default_backend() == "cpu" and rows > cpu_kernels.ONE_PASS_ROWS
-            and all(a.dtype == jnp.float32 for a in (x, *ws)) and cpu_kernels.enabled() and cpu_kernels.amx())
+    """Whether `_matmuls_amx` takes these products: `training_kernels`, with more rows than a decode step's."""
+    return math.prod(x.shape[:x.ndim - n_in]) > cpu_kernels.ONE_PASS_ROWS and training_kernels(x, *ws)
 
 
 @flax.struct.dataclass
@@ -321,8 +326,9 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
     Params may be float32 or bfloat16; the activations follow the params' dtype.
     positions_bn: only these positions of each row (e.g. those whose logits score a response's tokens),
     which saves the vocab projection's FLOPs and the [b, t, v] buffer everywhere else.
-    attention_impl: "einsum" (any padding; scores materialized) or "cudnn" (flash attention on NVIDIA
-    GPUs in bf16; rows must be right-padded, as SAMI's pair batches are).
+    attention_impl: "einsum" (any padding; scores materialized; on the CPU kernels, forward and backward, where
+    `training_kernels` holds and there is no sharder) or "cudnn" (flash attention on NVIDIA GPUs in bf16; rows
+    must be right-padded, as SAMI's pair batches are).
     prefix_windows: (P, n) for rows laid out as a prefix of P slots followed by windows of n slots that
     each continue it alone (`attention.prefix_windows_attention`; SAMI's shared prompts); needs mask_bt
     and positions_bt; einsum only.
@@ -338,6 +344,7 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
     cos, sin = attention.rope_cos_sin(positions_bt, attention.rope_inv_freq(config))
 
     x = _embed(params, tokens_bt, sharder)
+    kernel = sharder is None and training_kernels(x)  # (attention on the CPU kernels: `attention.gqa_attention`)
 
     if attention_impl == "cudnn":
         lengths_b = jnp.sum(mask_bt, axis=1, dtype=jnp.int32)
@@ -347,13 +354,13 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
     elif prefix_windows is not None:
         def attend(q, k, v):
             return attention.prefix_windows_attention(q, k, v, mask_bt, positions_bt, *prefix_windows,
-                                                      config.sliding_window), None
+                                                      config.sliding_window, kernel), None
     else:
         idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask_bts = attention.attention_mask(idx_bt, idx_bt, mask_bt, config.sliding_window)
 
         def attend(q, k, v):
-            return attention.gqa_attention(q, k, v, mask_bts), None
+            return attention.gqa_attention(q, k, v, mask_bts, kernel), None
 
     def body(x, p):
         return _layer(config, moe_impl, sharder, x, p, cos, sin, attend)[0]
