@@ -985,19 +985,70 @@ inline auto keep_lanes(const uint8_t* m, int64_t S16, int64_t i, int64_t s0) {
   return __builtin_convertvector(bytes, i32x16) != 0;
 }
 
-// p[i * S16 + s] = xs[i] . column s of xt [D, S16] for s in [lo, hi) and i < nq: 16 slots x kQueries queries per
-// step, the sum over d in kQueries independent chains (xs[nq ..] repeat xs[nq - 1]: a fixed shape keeps the sums
+// p[i * S16 + s] = xs[i] . column s of xt [D, S16] for s in [lo, hi) and i < nq: 16 NB slots x kQueries queries per
+// step, the sum over d in kQueries NB independent chains (xs[nq ..] repeat xs[nq - 1]: a fixed shape keeps the sums
 // in registers).
+template <int NB>
+inline void scores_step(const float* const* xs, const float* xt, int64_t S16, int64_t D, int64_t s0, int64_t nq,
+                        float* p) {
+  f32x16 acc[kQueries][NB] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    f32x16 xd[NB];
+    for (int b = 0; b < NB; ++b) xd[b] = load(xt + d * S16 + s0 + b * kWidth);
+    for (int64_t i = 0; i < kQueries; ++i) {
+      const float x = xs[i][d];
+      for (int b = 0; b < NB; ++b) acc[i][b] += x * xd[b];
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) std::memcpy(p + i * S16 + s0, acc[i], sizeof acc[i]);
+}
+
+// (32 slots a step where they are there: each broadcast query element serves two multiply-adds.)
 void chunk_scores(const float* const* xs, const float* xt, int64_t S16, int64_t D, int64_t lo, int64_t hi, int64_t nq,
                   float* p) {
-  for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
-    f32x16 acc[kQueries] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const f32x16 xd = load(xt + d * S16 + s0);
-      for (int64_t i = 0; i < kQueries; ++i) acc[i] += xs[i][d] * xd;
+  int64_t s0 = lo;
+  for (; s0 + 2 * kWidth <= hi; s0 += 2 * kWidth) scores_step<2>(xs, xt, S16, D, s0, nq, p);
+  for (; s0 < hi; s0 += kWidth) scores_step<1>(xs, xt, S16, D, s0, nq, p);
+}
+
+// rows[s * stride + c] += the sum over i < nq of w[i * S16 + s] * xs[i][c], for s in [lo, hi) and c < D: a chunk's
+// rank-nq update of the keys' or values' gradient, 4 slots x 64 columns of sums in registers where D allows.
+void rank_update(float* rows, int64_t stride, int64_t lo, int64_t hi, const float* w, int64_t S16, int64_t nq,
+                 const float* const* xs, int64_t D) {
+  int64_t c = 0;
+  for (; c + 4 * kWidth <= D; c += 4 * kWidth) {
+    int64_t s = lo;
+    for (; s + 4 <= hi; s += 4) {
+      f32x16 acc[4][4];
+      for (int u = 0; u < 4; ++u)
+        for (int j = 0; j < 4; ++j) acc[u][j] = load(rows + (s + u) * stride + c + j * kWidth);
+      for (int64_t i = 0; i < nq; ++i) {
+        f32x16 x[4];
+        for (int j = 0; j < 4; ++j) x[j] = load(xs[i] + c + j * kWidth);
+        for (int u = 0; u < 4; ++u) {
+          const float wi = w[i * S16 + s + u];
+          for (int j = 0; j < 4; ++j) acc[u][j] += wi * x[j];
+        }
+      }
+      for (int u = 0; u < 4; ++u) std::memcpy(rows + (s + u) * stride + c, acc[u], sizeof acc[u]);
     }
-    for (int64_t i = 0; i < nq; ++i) std::memcpy(p + i * S16 + s0, &acc[i], sizeof acc[i]);
+    for (; s < hi; ++s) {
+      f32x16 acc[4];
+      for (int j = 0; j < 4; ++j) acc[j] = load(rows + s * stride + c + j * kWidth);
+      for (int64_t i = 0; i < nq; ++i)
+        for (int j = 0; j < 4; ++j) acc[j] += w[i * S16 + s] * load(xs[i] + c + j * kWidth);
+      std::memcpy(rows + s * stride + c, acc, sizeof acc);
+    }
   }
+  for (; c + kWidth <= D; c += kWidth)
+    for (int64_t s = lo; s < hi; ++s) {
+      f32x16 acc = load(rows + s * stride + c);
+      for (int64_t i = 0; i < nq; ++i) acc += w[i * S16 + s] * load(xs[i] + c);
+      std::memcpy(rows + s * stride + c, &acc, sizeof acc);
+    }
+  for (; c < D; ++c)
+    for (int64_t s = lo; s < hi; ++s)
+      for (int64_t i = 0; i < nq; ++i) rows[s * stride + c] += w[i * S16 + s] * xs[i][c];
 }
 
 // os[i][c] = the sum over s in [lo, hi) of p[i * S16 + s] * rows[s * stride + c], for i < nq and c < D: 32 columns
@@ -1128,27 +1179,8 @@ void attend_block_grad(const float* q, const float* k, const float* v, int64_t k
       }
     }
     chunk_weighted(ds.data(), S16, ch.nq, k, kv_stride, D, ch.lo, ch.hi, dqs);
-    for (int64_t s = ch.lo; s < ch.hi; ++s) {  // (the chunk's weights of slot s first: the stores below are floats)
-      float wk[kQueries] = {}, wv[kQueries] = {};  // (zero past nq: a fixed shape)
-      for (int64_t i = 0; i < ch.nq; ++i) wk[i] = ds[i * S16 + s], wv[i] = p[i * S16 + s];
-      float* dks = dk + s * kv_stride;
-      float* dvs = dv + s * kv_stride;
-      int64_t c = 0;
-      for (; c + kWidth <= D; c += kWidth) {
-        f32x16 ak = load(dks + c), av = load(dvs + c);
-        for (int64_t i = 0; i < kQueries; ++i) {
-          ak += wk[i] * load(qs[i] + c);
-          av += wv[i] * load(dos[i] + c);
-        }
-        std::memcpy(dks + c, &ak, sizeof ak);
-        std::memcpy(dvs + c, &av, sizeof av);
-      }
-      for (; c < D; ++c)
-        for (int64_t i = 0; i < ch.nq; ++i) {
-          dks[c] += wk[i] * qs[i][c];
-          dvs[c] += wv[i] * dos[i][c];
-        }
-    }
+    rank_update(dk, kv_stride, ch.lo, ch.hi, ds.data(), S16, ch.nq, qs, D);
+    rank_update(dv, kv_stride, ch.lo, ch.hi, p.data(), S16, ch.nq, dos, D);
     for (int64_t i = 0; i < ch.nq; ++i) {
       if (!ch.empty[i]) continue;
       std::fill(dqs[i], dqs[i] + D, 0.0f);
