@@ -255,6 +255,16 @@ def test_training_attention_and_gradients_equal_numpy(b, t, s, kv, g, d):
                                    err_msg=name)
 
 
+@needs_kernel
+def test_training_attention_rejects_mismatched_shapes():
+    """The error names the target and every operand's shape."""
+    assert cpu_kernels.load()
+    q, k, mask = jnp.ones((1, 4, 2, 3, 8)), jnp.ones((1, 5, 3, 8)), jnp.ones((1, 4, 5), bool)  # 3 KV heads, not 2
+    want = r"sami_attention_train: want q .* got q \[1, 4, 2, 3, 8\], k \[1, 5, 3, 8\], v \[1, 5, 3, 8\], mask"
+    with pytest.raises(Exception, match=want):
+        jax.block_until_ready(cpu_kernels.attention_train(q, k, k, mask))
+
+
 def _top_p_threshold_numpy(p, top_p):
     """The smallest probability whose larger ones sum (in float64, in sorted order) below top_p, with its own
     it reaches top_p; 0 if the whole row stays below."""

@@ -781,6 +781,14 @@ ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// A buffer's dimensions as "[a, b, ...]", for error messages.
+template <class Dims>
+std::string dims(const Dims& d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
 // y [M, N] = op(x) op(w), op(a) = a or a^T as transpose_x / transpose_w say: x [M, K] or [K, M], w [K, N] or
 // [N, K] (not both transposed), all as XLA holds them. Training's products: x W, dy W^T and the weight gradient
 // x^T dy. On AMX each operand's tiles are formed from it as it is (rows, or columns turned in registers), so no
@@ -793,11 +801,6 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t M = ranks ? xd[transpose_x ? 1 : 0] : 0, K = ranks ? xd[transpose_x ? 0 : 1] : 0,
                 N = ranks ? wd[transpose_w ? 0 : 1] : 0;
   if (!ranks || wd[transpose_w ? 1 : 0] != K || yd[0] != M || yd[1] != N || (transpose_x && transpose_w)) {
-    auto dims = [](auto d) {
-      std::string s = "[";
-      for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-      return s + "]";
-    };
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "sami_dense_matmul: want x [M, K] (or [K, M] with transpose_x), w [K, N] (or [N, K] with "
                       "transpose_w, not both) and y [M, N]; got x " + dims(xd) + ", w " + dims(wd) + ", y " +
@@ -950,11 +953,22 @@ int64_t mask_ranges(const bool* mask, int64_t T, int64_t S, std::vector<int64_t>
   return used;
 }
 
-// Slots [0, used) of x (D floats each, `stride` apart) transposed into xt [D, S16].
+// Slots [0, used) of x (D floats each, `stride` apart) transposed into xt [D, S16], 16 x 16 at a time in registers
+// (columns from used up to a multiple of 16 zero; past that they hold an earlier unit's: read, but always masked).
 void transpose_slots(const float* x, int64_t stride, int64_t D, int64_t used, int64_t S16, std::vector<float>& xt) {
-  xt.resize(D * S16);  // (columns from used on hold an earlier unit's: read, but always masked)
-  for (int64_t s = 0; s < used; ++s)
-    for (int64_t d = 0; d < D; ++d) xt[d * S16 + s] = x[s * stride + d];
+  xt.resize(D * S16);
+  for (int64_t s0 = 0; s0 < used; s0 += kWidth) {
+    const int64_t rows = std::min(kWidth, used - s0);
+    int64_t d0 = 0;
+    for (; d0 + kWidth <= D; d0 += kWidth) {
+      f32x16 a[16] = {};
+      for (int64_t r = 0; r < rows; ++r) a[r] = load(x + (s0 + r) * stride + d0);
+      transpose16(a);
+      for (int64_t i = 0; i < kWidth; ++i) std::memcpy(xt.data() + (d0 + i) * S16 + s0, &a[i], sizeof a[i]);
+    }
+    for (; d0 < D; ++d0)
+      for (int64_t r = 0; r < kWidth; ++r) xt[d0 * S16 + s0 + r] = r < rows ? x[(s0 + r) * stride + d0] : 0.0f;
+  }
 }
 
 // A chunk of attention's queries c0 .. c0 + nq - 1 (token-major, G heads per token): their masks in m
@@ -1355,7 +1369,8 @@ ffi::Error train_shapes(const char* name, const Q& q, const K& k, const K& v, co
                   md[2] == kd[1];
   if (!ok)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      std::string(name) + ": want q [B, T, H, G, D], k and v [B, S, H, D], mask [B, T, S]");
+                      std::string(name) + ": want q [B, T, H, G, D], k and v [B, S, H, D], mask [B, T, S]; got q " +
+                          dims(qd) + ", k " + dims(kd) + ", v " + dims(vd) + ", mask " + dims(md));
   *out = {qd[0], qd[1], qd[2], qd[3], qd[4], kd[1], static_cast<float>(1.0 / std::sqrt(static_cast<double>(qd[4])))};
   return ffi::Error::Success();
 }
