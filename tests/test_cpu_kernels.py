@@ -240,6 +240,7 @@ def test_training_attention_and_gradients_equal_numpy(b, t, s, kv, g, d):
     grouped and ungrouped heads, head dims that are and are not a multiple of 16, one query."""
     from sami_jax.models import attention
 
+    assert cpu_kernels.load()
     rng = np.random.default_rng(b * 7 + t + s)
     q = rng.standard_normal((b, t, kv * g, d), dtype=np.float32)
     k, v = (rng.standard_normal((b, s, kv, d), dtype=np.float32) for _ in range(2))
