@@ -150,18 +150,20 @@ inline void transpose16(f32x16* a) {
 #undef SAMI_ROUND
 #undef SAMI_UNPACK
 
-// rows (<= block <= 16) of x [rows, K] transposed into out [K, block], lanes past `rows` zero: 16 x 16 register
-// transposes. (A scalar loop took about 50 us for 16 x 576 floats: its loads 2304 bytes apart alias its stores.)
-void transpose_rows(const float* x, int64_t rows, int64_t K, int64_t block, float* out) {
+// rows (<= width <= 16) of K floats, `stride` apart from x, transposed: out row k (out_stride apart) holds
+// their k-th floats in its first `width` lanes, those past `rows` zero. 16 x 16 register transposes. (A scalar
+// loop took about 50 us for 16 x 576 floats: its loads 2304 bytes apart alias its stores.)
+void transpose_rows(const float* x, int64_t stride, int64_t rows, int64_t K, int64_t width, float* out,
+                    int64_t out_stride) {
   int64_t k0 = 0;
   for (; k0 + kWidth <= K; k0 += kWidth) {
     f32x16 a[16] = {};
-    for (int64_t r = 0; r < rows; ++r) a[r] = load(x + r * K + k0);
+    for (int64_t r = 0; r < rows; ++r) a[r] = load(x + r * stride + k0);
     transpose16(a);
-    for (int64_t i = 0; i < kWidth; ++i) std::memcpy(out + (k0 + i) * block, &a[i], block * sizeof(float));
+    for (int64_t i = 0; i < kWidth; ++i) std::memcpy(out + (k0 + i) * out_stride, &a[i], width * sizeof(float));
   }
   for (; k0 < K; ++k0)
-    for (int64_t r = 0; r < block; ++r) out[k0 * block + r] = r < rows ? x[r * K + k0] : 0.0f;
+    for (int64_t r = 0; r < width; ++r) out[k0 * out_stride + r] = r < rows ? x[r * stride + k0] : 0.0f;
 }
 
 // The smallest tile that covers `rows` (a decode step at batch 1 does not pay for 12 rows). Rows past
@@ -587,7 +589,7 @@ struct Job {
   const float* slab_xt(int64_t s) {
     once(state[s], [&] {
       for (int64_t r0 = s * slab; r0 < std::min(R, (s + 1) * slab); r0 += block)  // each row block [K, block]
-        transpose_rows(x + r0 * K, std::min(block, R - r0), K, block, xt.data() + r0 * K);
+        transpose_rows(x + r0 * K, K, std::min(block, R - r0), K, block, xt.data() + r0 * K, block);
     });
     return xt.data() + s * slab * K;
   }
@@ -652,25 +654,23 @@ struct Job {
                        out + (p - p0) * KC * kTilesBytes);
           continue;
         }
-        if (w_rows != nullptr) {  // the panel's inputs 2t and 2t + 1 straight from the rows of W
-          const __mmask16 mask = lanes(N - p * kWidth);  // (none past P: zero tiles)
-          auto row = [&](int64_t k) { return k < K ? _mm512_maskz_loadu_ps(mask, w_rows + k * N + p * kWidth) : zero; };
-          for (int64_t t = 0; t < KC * kTileRows; ++t)
-            split_pair(row(2 * t), row(2 * t + 1), out + ((p - p0) * KC + t / kTileRows) * kTilesBytes + t % kTileRows * kTileK);
-          continue;
-        }
-        const float* panel = nullptr;  // the panel's float32 weights [K, 16]; none past P (zero tiles)
-        if (p < P && wq == nullptr) {
-          panel = w + p * K * kWidth;
+        // The panel's weights of input k at src + k * stride (16 lanes, those of mask): straight from the rows of W,
+        // a float32 panel [K, 16], or a block-stored one rebuilt; none past P (zero tiles).
+        const float* src = nullptr;
+        int64_t stride = kWidth;
+        __mmask16 mask = lanes(kWidth);
+        if (p < P && w_rows != nullptr) {
+          src = w_rows + p * kWidth, stride = N, mask = lanes(N - p * kWidth);
+        } else if (p < P && wq == nullptr) {
+          src = w + p * K * kWidth;
         } else if (p < P) {
           rebuilt.resize(K * kWidth);
           dequantize(wq, K, p, p + 1, rebuilt.data());
-          panel = rebuilt.data();
+          src = rebuilt.data();
         }
+        auto row = [&](int64_t k) { return src != nullptr && k < K ? _mm512_maskz_loadu_ps(mask, src + k * stride) : zero; };
         for (int64_t t = 0; t < KC * kTileRows; ++t)  // inputs 2t and 2t + 1
-          split_pair(panel != nullptr && 2 * t < K ? _mm512_loadu_ps(panel + 2 * t * kWidth) : zero,
-                     panel != nullptr && 2 * t + 1 < K ? _mm512_loadu_ps(panel + (2 * t + 1) * kWidth) : zero,
-                     out + ((p - p0) * KC + t / kTileRows) * kTilesBytes + t % kTileRows * kTileK);
+          split_pair(row(2 * t), row(2 * t + 1), out + ((p - p0) * KC + t / kTileRows) * kTilesBytes + t % kTileRows * kTileK);
       }
     });
     return out;
@@ -953,22 +953,12 @@ int64_t mask_ranges(const bool* mask, int64_t T, int64_t S, std::vector<int64_t>
   return used;
 }
 
-// Slots [0, used) of x (D floats each, `stride` apart) transposed into xt [D, S16], 16 x 16 at a time in registers
-// (columns from used up to a multiple of 16 zero; past that they hold an earlier unit's: read, but always masked).
+// Slots [0, used) of x (D floats each, `stride` apart) transposed into xt [D, S16], 16 at a time (columns from used
+// up to a multiple of 16 zero; past that they hold an earlier unit's: read, but always masked).
 void transpose_slots(const float* x, int64_t stride, int64_t D, int64_t used, int64_t S16, std::vector<float>& xt) {
   xt.resize(D * S16);
-  for (int64_t s0 = 0; s0 < used; s0 += kWidth) {
-    const int64_t rows = std::min(kWidth, used - s0);
-    int64_t d0 = 0;
-    for (; d0 + kWidth <= D; d0 += kWidth) {
-      f32x16 a[16] = {};
-      for (int64_t r = 0; r < rows; ++r) a[r] = load(x + (s0 + r) * stride + d0);
-      transpose16(a);
-      for (int64_t i = 0; i < kWidth; ++i) std::memcpy(xt.data() + (d0 + i) * S16 + s0, &a[i], sizeof a[i]);
-    }
-    for (; d0 < D; ++d0)
-      for (int64_t r = 0; r < kWidth; ++r) xt[d0 * S16 + s0 + r] = r < rows ? x[(s0 + r) * stride + d0] : 0.0f;
-  }
+  for (int64_t s0 = 0; s0 < used; s0 += kWidth)
+    transpose_rows(x + s0 * stride, stride, std::min(kWidth, used - s0), D, kWidth, xt.data() + s0, S16);
 }
 
 // A chunk of attention's queries c0 .. c0 + nq - 1 (token-major, G heads per token): their masks in m
