@@ -53,12 +53,31 @@ def test_dense_matmul_equals_numpy(layout, m, k, n, amx):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [40, 8])  # AMX tiles, and the float32 tiles of a few rows
+def test_dense_matmul_reads_a_stacked_weight_in_place(m, amx):
+    """With an index, w is a stack [L, K, N] (or [L, N, K] read transposed) and each product uses w[index]."""
+    assert cpu_kernels.load()
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 70), dtype=np.float32)
+    stack = rng.standard_normal((3, 70, 50), dtype=np.float32)
+    dot, dot_nt = jax.jit(cpu_kernels.dot), jax.jit(cpu_kernels.dot_nt)
+    for i in range(3):
+        ref = x.astype(np.float64) @ stack[i].astype(np.float64)
+        np.testing.assert_allclose(np.asarray(dot(x, stack, jnp.int32(i))), ref, rtol=0, atol=2e-6 * 70 ** 0.5 * 16)
+        nt = np.asarray(dot_nt(x, stack.transpose(0, 2, 1).copy(), jnp.int32(i)))
+        np.testing.assert_allclose(nt, ref, rtol=0, atol=2e-6 * 70 ** 0.5 * 16)
+
+
+@needs_kernel
 def test_dense_matmul_rejects_mismatched_shapes():
     """The error names the target and both operands' shapes."""
     assert cpu_kernels.load()
-    want = r"sami_dense_matmul: want x .* got x \[4, 8\], w \[5, 8\], y \[8, 8\] with transpose_x"
+    want = r"sami_dense_matmul: want x .* got x \[4, 8\], w \[5, 8\], index 0, y \[8, 8\] with transpose_x"
     with pytest.raises(Exception, match=want):
         jax.block_until_ready(cpu_kernels.dot_tn(jnp.ones((4, 8)), jnp.ones((5, 8))))  # 4 tokens against 5
+    want = r"got x \[20, 8\], w \[3, 8, 5\], index 3, y \[20, 5\]"
+    with pytest.raises(Exception, match=want):  # a stack of 3 weights has no index 3
+        jax.block_until_ready(cpu_kernels.dot(jnp.ones((20, 8)), jnp.ones((3, 8, 5)), 3))
 
 
 @needs_kernel

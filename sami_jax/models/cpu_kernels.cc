@@ -790,24 +790,29 @@ std::string dims(const Dims& d) {
 }
 
 // y [M, N] = op(x) op(w), op(a) = a or a^T as transpose_x / transpose_w say: x [M, K] or [K, M], w [K, N] or
-// [N, K] (not both transposed), all as XLA holds them. Training's products: x W, dy W^T and the weight gradient
-// x^T dy. On AMX each operand's tiles are formed from it as it is (rows, or columns turned in registers), so no
-// transposed or packed copy goes through memory; else x^T and the weights' panels are formed for the float32
-// tiles.
+// [N, K] (not both transposed), all as XLA holds them; or w a stack [L, ...] of such weights, of which `index` [] picks
+// one (a layer's weights read in place from the scan's stack, which XLA would otherwise copy out for the call).
+// Training's products: x W, dy W^T and the weight gradient x^T dy. On AMX each operand's tiles are formed from it as
+// it is (rows, or columns turned in registers), so no transposed or packed copy goes through memory; else x^T and
+// the weights' panels are formed for the float32 tiles.
 ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, bool transpose_x, bool transpose_w) {
+                       ffi::Buffer<ffi::S32> index, ffi::ResultBuffer<ffi::F32> y, bool transpose_x, bool transpose_w) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  const bool ranks = xd.size() == 2 && wd.size() == 2 && yd.size() == 2;
+  const size_t stacked = wd.size() == 3 ? 1 : 0;
+  const bool ranks = xd.size() == 2 && wd.size() == 2 + stacked && yd.size() == 2 && index.dimensions().size() == 0;
   const int64_t M = ranks ? xd[transpose_x ? 1 : 0] : 0, K = ranks ? xd[transpose_x ? 0 : 1] : 0,
-                N = ranks ? wd[transpose_w ? 0 : 1] : 0;
-  if (!ranks || wd[transpose_w ? 1 : 0] != K || yd[0] != M || yd[1] != N || (transpose_x && transpose_w)) {
+                N = ranks ? wd[stacked + (transpose_w ? 0 : 1)] : 0;
+  const int64_t layer = ranks ? *index.typed_data() : 0, layers = stacked ? wd[0] : 1;
+  if (!ranks || wd[stacked + (transpose_w ? 1 : 0)] != K || yd[0] != M || yd[1] != N || (transpose_x && transpose_w) ||
+      layer < 0 || layer >= layers) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "sami_dense_matmul: want x [M, K] (or [K, M] with transpose_x), w [K, N] (or [N, K] with "
-                      "transpose_w, not both) and y [M, N]; got x " + dims(xd) + ", w " + dims(wd) + ", y " +
-                      dims(yd) + (transpose_x ? " with transpose_x" : "") + (transpose_w ? " with transpose_w" : ""));
+                      "transpose_w, not both; or a stack [L, ...] of them and an index in [0, L)) and y [M, N]; got "
+                      "x " + dims(xd) + ", w " + dims(wd) + ", index " + std::to_string(layer) + ", y " + dims(yd) +
+                      (transpose_x ? " with transpose_x" : "") + (transpose_w ? " with transpose_w" : ""));
   }
   const float* xs = x.typed_data();
-  const float* ws = w.typed_data();
+  const float* ws = w.typed_data() + layer * K * N;
   float* out = y->typed_data();
   if (K == 0) {
     std::fill(out, out + M * N, 0.0f);
@@ -1524,6 +1529,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(sami_dense_matmul, DenseMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_x")
                                   .Attr<bool>("transpose_w"));

@@ -166,26 +166,30 @@ def matmul(x_rk: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x_rk.shape[0], n), jnp.float32))(x_rk, panels)
 
 
-def _dense(x: jax.Array, w: jax.Array, rows: int, cols: int, transpose_x: bool, transpose_w: bool) -> jax.Array:
+def _dense(x: jax.Array, w: jax.Array, index, rows: int, cols: int, transpose_x: bool, transpose_w: bool) -> jax.Array:
+    index = jnp.asarray(0 if index is None else index, jnp.int32)
     return jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((rows, cols), jnp.float32))(
-        x, w, transpose_x=transpose_x, transpose_w=transpose_w)
+        x, w, index, transpose_x=transpose_x, transpose_w=transpose_w)
 
 
-def dot(x_rk: jax.Array, w_kn: jax.Array) -> jax.Array:
+def dot(x_rk: jax.Array, w_kn: jax.Array, index: jax.Array | int | None = None) -> jax.Array:
     """x [R, K] @ w [K, N], both float32: [R, N] float32. Training's products, whose weights change at every step:
-    on AMX each operand's tiles are formed from it as it is, with no packed copy of w. Needs `load()`; CPU only."""
-    return _dense(x_rk, w_kn, x_rk.shape[0], w_kn.shape[1], False, False)
+    on AMX each operand's tiles are formed from it as it is, with no packed copy of w. With `index`, w is a stack
+    [L, K, N] and the product is with w[index], read in place (a layer scan's weights, which XLA would copy out of the
+    stack for the call). Needs `load()`; CPU only."""
+    return _dense(x_rk, w_kn, index, x_rk.shape[0], w_kn.shape[-1], False, False)
 
 
-def dot_nt(x_rk: jax.Array, w_nk: jax.Array) -> jax.Array:
-    """x [R, K] @ w [N, K]^T, both float32: [R, N] float32 (`dot` with w read transposed, e.g. dy W^T)."""
-    return _dense(x_rk, w_nk, x_rk.shape[0], w_nk.shape[0], False, True)
+def dot_nt(x_rk: jax.Array, w_nk: jax.Array, index: jax.Array | int | None = None) -> jax.Array:
+    """x [R, K] @ w [N, K]^T, both float32: [R, N] float32 (`dot` with w read transposed, e.g. dy W^T; with `index`,
+    w is a stack [L, N, K])."""
+    return _dense(x_rk, w_nk, index, x_rk.shape[0], w_nk.shape[-2], False, True)
 
 
 def dot_tn(x_dm: jax.Array, y_dn: jax.Array) -> jax.Array:
     """x [D, M]^T @ y [D, N], both float32: [M, N] float32, a weight's gradient x^T dy over D tokens (`dot` with x
     read transposed)."""
-    return _dense(x_dm, y_dn, x_dm.shape[1], y_dn.shape[1], True, False)
+    return _dense(x_dm, y_dn, None, x_dm.shape[1], y_dn.shape[1], True, False)
 
 
 def pack_blocks(panels) -> np.ndarray | None:

@@ -113,27 +113,38 @@ def _matmuls_amx(x, ws, n_in):
     alternating): 14.34 s against 15.08 s with XLA's dots, when each call packed its weight as panels with an XLA
     transpose (session 27); dW on `dot_tn` instead of XLA's transpose and dot: paired ratio 0.914 (session 30);
     the weights read as they are instead of packed by XLA: 0.92-1.05x per product, 0.99 in the step (session
-    31, within the VM's noise)."""
+    31, within the VM's noise). In a layer scan its weights are `LayerWeight`s, read in place from their stacks."""
     return _amx_products(x, ws, n_in)
 
 
 def _amx_products(x, ws, n_in):
     lead, x2 = _rows(x, n_in)
-    ys = (checkpoint_name(cpu_kernels.dot(x2, w.reshape(x2.shape[1], -1)), CPU_DOT) for w in ws)
+    ys = (checkpoint_name(_dot_weight(cpu_kernels.dot, x2, w, x2.shape[1]), CPU_DOT) for w in ws)
     return tuple(y.reshape(*lead, *w.shape[n_in:]) for y, w in zip(ys, ws, strict=True))
 
 
+def _dot_weight(product, x2, w, k: int):
+    """`cpu_kernels.dot` or `dot_nt` of x2 and the weight w ([*in, *out] as [k, out]), a `LayerWeight` read in place
+    from its stack."""
+    if isinstance(w, LayerWeight):
+        return product(x2, w.stack.reshape(w.stack.shape[0], k, -1), w.index)
+    return product(x2, w.reshape(k, -1))
+
+
 def _matmuls_amx_fwd(x, ws, n_in):
-    return _amx_products(x, ws, n_in), (x, ws)
+    # (a LayerWeight's slice is not kept: its stack and index are, and the slice is never formed)
+    kept = tuple(LayerWeight(None, w.stack, w.index) if isinstance(w, LayerWeight) else w for w in ws)
+    return _amx_products(x, ws, n_in), (x, kept)
 
 
 def _matmuls_amx_bwd(n_in, res, dys):
     x, ws = res
     _, x2 = _rows(x, n_in)
     dy2s = [dy.reshape(x2.shape[0], -1) for dy in dys]
-    dx = sum(cpu_kernels.dot_nt(dy2, w.reshape(x2.shape[1], -1)) for w, dy2 in zip(ws, dy2s, strict=True))
+    dx = sum(_dot_weight(cpu_kernels.dot_nt, dy2, w, x2.shape[1]) for w, dy2 in zip(ws, dy2s, strict=True))
     dws = (cpu_kernels.dot_tn(x2, dy2).reshape(w.shape) for w, dy2 in zip(ws, dy2s, strict=True))
-    return dx.reshape(x.shape), tuple(dws)
+    return dx.reshape(x.shape), tuple(LayerWeight(dw, None, None) if isinstance(w, LayerWeight) else dw
+                                      for w, dw in zip(ws, dws, strict=True))
 
 
 _matmuls_amx.defvjp(_matmuls_amx_fwd, _matmuls_amx_bwd)
@@ -150,6 +161,34 @@ def training_kernels(*arrays) -> bool:
 def _amx_applies(x, ws, n_in: int) -> bool:
     """Whether `_matmuls_amx` takes these products: `training_kernels`, with more rows than a decode step's."""
     return math.prod(x.shape[:x.ndim - n_in]) > cpu_kernels.ONE_PASS_ROWS and training_kernels(x, *ws)
+
+
+@flax.struct.dataclass
+class LayerWeight:
+    """A projection weight inside the layer scan on the CPU kernels (`hidden_states`): `w`, the layer's slice
+    [*in, *out], through which its gradient flows, and the stack [layers, *in, *out] it is a slice of with the layer's
+    index, which `_matmuls_amx`'s products read in place. The slice itself is never formed: XLA copied each weight
+    out of the stack for each kernel call, forward and backward (the SAMI step on SmolLM2, 2 cores: paired 0.97
+    of the time with the copies, session 32)."""
+
+    w: jax.Array | None
+    stack: jax.Array | None  # (gradient-stopped: the gradient is the slice's)
+    index: jax.Array | None  # int32 []
+
+    @property
+    def shape(self):
+        return self.stack.shape[1:]
+
+    @property
+    def dtype(self):
+        return self.stack.dtype
+
+
+def _in_place(p, stacks, index):
+    """A layer's params p with each dense projection weight as a `LayerWeight` of its slice in stacks."""
+    def wrap(path, w, stack):
+        return LayerWeight(w, stack, index) if getattr(path[-1], "key", None) in _PROJECTION_INPUT_DIMS else w
+    return jax.tree_util.tree_map_with_path(wrap, p, stacks)
 
 
 @flax.struct.dataclass
@@ -226,9 +265,10 @@ def _project(x, ws, n_in: int = 1, sharded: bool = False) -> tuple[jax.Array, ..
     `_matmuls_out_in`."""
     if isinstance(ws[0], OutIn):
         return _matmuls_out_in(x, ws, n_in)
-    cpu = _matmuls_amx if not sharded and _amx_applies(x, ws, n_in) else _matmuls_cpu
-    return jax.lax.platform_dependent(x, tuple(ws), cpu=lambda x, ws: cpu(x, ws, n_in),
-                                      default=lambda x, ws: _matmuls(x, ws, n_in))
+    slices = tuple(w.w if isinstance(w, LayerWeight) else w for w in ws)
+    cpu = (lambda x: _matmuls_amx(x, tuple(ws), n_in)) if not sharded and _amx_applies(x, ws, n_in) else \
+        (lambda x: _matmuls_cpu(x, slices, n_in))
+    return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: _matmuls(x, slices, n_in))
 
 
 def _layer(config: ModelConfig, moe_impl: str, sharder: Sharder | None, x, p, cos, sin, attend):
@@ -373,6 +413,12 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
     if isinstance(params["layers"], tuple):  # per-layer params (`unstack_layers`): no slices of a stack
         for p in params["layers"]:
             x = body(x, p)
+    elif kernel:  # the projections read each layer's weights in place from the stacks (`LayerWeight`)
+        layers = params["layers"]
+        stacks = jax.lax.stop_gradient(layers)
+        n = jax.tree.leaves(layers)[0].shape[0]
+        x, _ = jax.lax.scan(lambda x, xs: (body(x, _in_place(xs[0], stacks, xs[1])), None), x,
+                            (layers, jnp.arange(n, dtype=jnp.int32)))
     else:
         x, _ = jax.lax.scan(lambda x, p: (body(x, p), None), x, params["layers"])
     if positions_bn is not None:
