@@ -22,8 +22,9 @@ def _numpy_reference(x, w, targets, g):
     return lp, dlogits @ w, dlogits.T @ x
 
 
+@pytest.mark.parametrize("keep", [True, False, None])  # the forward's logits read back, recomputed, by size (kept)
 @pytest.mark.parametrize("v, chunk", [(384, 128), (300, 128), (300, 512)])  # divisible, padded, one padded chunk
-def test_vocab_logprobs_match_numpy(v, chunk, amx):
+def test_vocab_logprobs_match_numpy(v, chunk, keep, amx):
     rng = np.random.default_rng(0)
     n, d = 24, 16
     x = rng.normal(size=(n, d)).astype(np.float32)
@@ -34,12 +35,12 @@ def test_vocab_logprobs_match_numpy(v, chunk, amx):
     lp_ref, dx_ref, dw_ref = _numpy_reference(x, w, targets, g)
 
     def loss(x, w):
-        return jnp.sum(vocab_logprobs(x, w, jnp.asarray(targets), chunk, amx) * g)
+        return jnp.sum(vocab_logprobs(x, w, jnp.asarray(targets), chunk, amx, keep) * g)
 
-    lp = jax.jit(vocab_logprobs, static_argnums=(3, 4))(x, w, jnp.asarray(targets), chunk, amx)
+    lp = jax.jit(vocab_logprobs, static_argnums=(3, 4, 5))(x, w, jnp.asarray(targets), chunk, amx, keep)
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     text = grad.lower(x, w).as_text()
-    assert text.count("sami_dense_matmul") == (4 if amx else 0)  # the logits, their recompute, dx, dw
+    assert text.count("sami_dense_matmul") == (3 + (keep is False) if amx else 0)  # logits, (recompute,) dx, dw
     assert text.count("transpose_x = true") == (1 if amx else 0)  # dw
     dx, dw = grad(x, w)
     np.testing.assert_allclose(lp, lp_ref, rtol=0, atol=2e-5)

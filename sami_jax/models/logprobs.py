@@ -10,6 +10,11 @@ pass recomputes one chunk's logits at a time, turns them into the gradient of th
 contracts it at once into the rows' gradient (accumulated) and the chunk's rows of the weight gradient.
 One more matmul of the head's size than autodiff's, and no pass over a matrix of logits in memory.
 
+Where the logits take at most KEEP_LOGITS_BYTES, the forward pass keeps each chunk's instead (written once, read
+once), and the backward pass reads them rather than recomputing them: SmolLM2's 640 rows of a micro-batch over
+49,152 words are 126 MB, and a chunk's product costs more than writing and reading its logits (the SAMI step on
+SmolLM2, 2 cores: paired 0.97 of the time with them recomputed, session 32).
+
 With `kernel`, each chunk's logits, the rows' gradient and the chunk's weight gradient are products on
 `cpu_kernels.dot_nt`, `dot` and `dot_tn` (AMX tiles at float32 accuracy, see `transformer._matmuls_amx`). SmolLM2's
 head at the CPU benchmark's shapes (640 rows, forward and backward, 2 cores): 0.63 s against 0.76 s with the
@@ -25,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from sami_jax.models import cpu_kernels
+
+KEEP_LOGITS_BYTES = 256 << 20  # the most logits the forward pass keeps for the backward pass (see the module doc)
 
 
 def _chunked(w_vd, chunk: int):
@@ -47,7 +54,8 @@ def _chunk_logits(x_nd, w_cd, i, chunk: int, v: int, kernel: bool):
     return logits
 
 
-def _forward(x_nd, w_vd, targets_n, chunk: int, kernel: bool):
+def _forward(x_nd, w_vd, targets_n, chunk: int, kernel: bool, keep: bool):
+    """(log-probs [n], log-sum-exps [n], each chunk's logits [chunks, n, chunk] if keep, else None)."""
     v = w_vd.shape[0]
     n = x_nd.shape[0]
 
@@ -61,37 +69,46 @@ def _forward(x_nd, w_vd, targets_n, chunk: int, kernel: bool):
         local = targets_n - i * chunk
         hit = (local >= 0) & (local < chunk)
         picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
-        return (new_max, running_sum, target_logit + jnp.where(hit, picked, 0.0)), None
+        return (new_max, running_sum, target_logit + jnp.where(hit, picked, 0.0)), logits if keep else None
 
     w_chunks = _chunked(w_vd, chunk)
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-    (running_max, running_sum, target_logit), _ = jax.lax.scan(
+    (running_max, running_sum, target_logit), kept = jax.lax.scan(
         body, init, (jnp.arange(w_chunks.shape[0]), w_chunks))
     lse = running_max + jnp.log(running_sum)
-    return target_logit - lse, lse
+    return target_logit - lse, lse, kept
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _keeps_logits(x_nd, w_vd, chunk: int, keep_logits: bool | None) -> bool:
+    if keep_logits is not None:
+        return keep_logits
+    return x_nd.shape[0] * -(-w_vd.shape[0] // chunk) * chunk * 4 <= KEEP_LOGITS_BYTES
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def vocab_logprobs(x_nd: jax.Array, w_vd: jax.Array, targets_n: jax.Array, chunk: int = 1024,
-                   kernel: bool = False) -> jax.Array:
+                   kernel: bool = False, keep_logits: bool | None = None) -> jax.Array:
     """float32 [n]: log_softmax(x [n, d] @ w [v, d]^T)[i, targets[i]], computed `chunk` vocabulary rows at a
     time (see the module docstring). w is the head as [v, d]: a tied embedding table as it is. `kernel`: the
-    products on `cpu_kernels.dot_nt`, `dot` and `dot_tn` (float32 x and w on a CPU, the kernels loaded)."""
-    return _forward(x_nd, w_vd, targets_n, chunk, kernel)[0]
+    products on `cpu_kernels.dot_nt`, `dot` and `dot_tn` (float32 x and w on a CPU, the kernels loaded).
+    keep_logits: whether the backward pass reads the forward pass's logits (True) or recomputes them (False);
+    None: kept where they take at most KEEP_LOGITS_BYTES."""
+    return _forward(x_nd, w_vd, targets_n, chunk, kernel, False)[0]
 
 
-def _vocab_logprobs_fwd(x_nd, w_vd, targets_n, chunk, kernel):
-    lp, lse = _forward(x_nd, w_vd, targets_n, chunk, kernel)
-    return lp, (x_nd, w_vd, targets_n, lse)
+def _vocab_logprobs_fwd(x_nd, w_vd, targets_n, chunk, kernel, keep_logits):
+    lp, lse, kept = _forward(x_nd, w_vd, targets_n, chunk, kernel, _keeps_logits(x_nd, w_vd, chunk, keep_logits))
+    return lp, (x_nd, w_vd, targets_n, lse, kept)
 
 
-def _vocab_logprobs_bwd(chunk, kernel, res, g_n):
-    x_nd, w_vd, targets_n, lse = res
+def _vocab_logprobs_bwd(chunk, kernel, keep_logits, res, g_n):
+    x_nd, w_vd, targets_n, lse, kept = res
     v = w_vd.shape[0]
 
     def body(dx_nd, xs):
-        i, w_cd = xs
-        logits = _chunk_logits(x_nd, w_cd, i, chunk, v, kernel)
+        i, w_cd, logits = xs
+        if logits is None:
+            logits = _chunk_logits(x_nd, w_cd, i, chunk, v, kernel)
         # d lp / d logits = onehot(target) - softmax
         onehot = (targets_n - i * chunk)[:, None] == jnp.arange(chunk)
         dlogits = g_n[:, None] * (onehot.astype(jnp.float32) - jnp.exp(logits - lse[:, None]))
@@ -105,7 +122,8 @@ def _vocab_logprobs_bwd(chunk, kernel, res, g_n):
         return dx_nd, dw_cd.astype(w_vd.dtype)
 
     w_chunks = _chunked(w_vd, chunk)
-    dx_nd, dw = jax.lax.scan(body, jnp.zeros(x_nd.shape, jnp.float32), (jnp.arange(w_chunks.shape[0]), w_chunks))
+    dx_nd, dw = jax.lax.scan(body, jnp.zeros(x_nd.shape, jnp.float32),
+                             (jnp.arange(w_chunks.shape[0]), w_chunks, kept))
     return dx_nd.astype(x_nd.dtype), dw.reshape(-1, w_vd.shape[1])[:v], None
 
 
