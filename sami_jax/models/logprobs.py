@@ -43,12 +43,13 @@ def _chunked(w_vd, chunk: int):
     return w_vd.reshape(-1, chunk, d)
 
 
-def _chunk_logits(x_nd, w_cd, i, chunk: int, v: int, kernel: bool):
-    """float32 logits [n, chunk] of chunk i; columns past the vocabulary (padding) at -inf."""
+def _chunk_logits(x_nd, w_chunks, i, chunk: int, v: int, kernel: bool):
+    """float32 logits [n, chunk] of chunk i of w_chunks [chunks, chunk, d] (read in place by the kernel); columns
+    past the vocabulary (padding) at -inf."""
     if kernel:
-        logits = cpu_kernels.dot_nt(x_nd, w_cd)
+        logits = cpu_kernels.dot_nt(x_nd, w_chunks, i)
     else:
-        logits = jnp.einsum("nd,cd->nc", x_nd, w_cd, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("nd,cd->nc", x_nd, w_chunks[i], preferred_element_type=jnp.float32)
     if v % chunk:
         logits = jnp.where(i * chunk + jnp.arange(chunk) < v, logits, -jnp.inf)
     return logits
@@ -59,10 +60,9 @@ def _forward(x_nd, w_vd, targets_n, chunk: int, kernel: bool, keep: bool):
     v = w_vd.shape[0]
     n = x_nd.shape[0]
 
-    def body(carry, xs):
+    def body(carry, i):
         running_max, running_sum, target_logit = carry
-        i, w_cd = xs
-        logits = _chunk_logits(x_nd, w_cd, i, chunk, v, kernel)
+        logits = _chunk_logits(x_nd, w_chunks, i, chunk, v, kernel)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
         running_sum = (running_sum * jnp.exp(running_max - new_max)
                        + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
@@ -73,8 +73,7 @@ def _forward(x_nd, w_vd, targets_n, chunk: int, kernel: bool, keep: bool):
 
     w_chunks = _chunked(w_vd, chunk)
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-    (running_max, running_sum, target_logit), kept = jax.lax.scan(
-        body, init, (jnp.arange(w_chunks.shape[0]), w_chunks))
+    (running_max, running_sum, target_logit), kept = jax.lax.scan(body, init, jnp.arange(w_chunks.shape[0]))
     lse = running_max + jnp.log(running_sum)
     return target_logit - lse, lse, kept
 
@@ -106,24 +105,23 @@ def _vocab_logprobs_bwd(chunk, kernel, keep_logits, res, g_n):
     v = w_vd.shape[0]
 
     def body(dx_nd, xs):
-        i, w_cd, logits = xs
+        i, logits = xs
         if logits is None:
-            logits = _chunk_logits(x_nd, w_cd, i, chunk, v, kernel)
+            logits = _chunk_logits(x_nd, w_chunks, i, chunk, v, kernel)
         # d lp / d logits = onehot(target) - softmax
         onehot = (targets_n - i * chunk)[:, None] == jnp.arange(chunk)
         dlogits = g_n[:, None] * (onehot.astype(jnp.float32) - jnp.exp(logits - lse[:, None]))
         dlogits = dlogits.astype(x_nd.dtype)
         if kernel:
-            dx_nd = dx_nd + cpu_kernels.dot(dlogits, w_cd)
+            dx_nd = dx_nd + cpu_kernels.dot(dlogits, w_chunks, i)
             dw_cd = cpu_kernels.dot_tn(dlogits, x_nd)
         else:
-            dx_nd = dx_nd + jnp.einsum("nc,cd->nd", dlogits, w_cd, preferred_element_type=jnp.float32)
+            dx_nd = dx_nd + jnp.einsum("nc,cd->nd", dlogits, w_chunks[i], preferred_element_type=jnp.float32)
             dw_cd = jnp.einsum("nc,nd->cd", dlogits, x_nd, preferred_element_type=jnp.float32)
         return dx_nd, dw_cd.astype(w_vd.dtype)
 
     w_chunks = _chunked(w_vd, chunk)
-    dx_nd, dw = jax.lax.scan(body, jnp.zeros(x_nd.shape, jnp.float32),
-                             (jnp.arange(w_chunks.shape[0]), w_chunks, kept))
+    dx_nd, dw = jax.lax.scan(body, jnp.zeros(x_nd.shape, jnp.float32), (jnp.arange(w_chunks.shape[0]), kept))
     return dx_nd.astype(x_nd.dtype), dw.reshape(-1, w_vd.shape[1])[:v], None
 
 
