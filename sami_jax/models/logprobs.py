@@ -13,7 +13,7 @@ One more matmul of the head's size than autodiff's, and no pass over a matrix of
 Where the logits take at most KEEP_LOGITS_BYTES, the forward pass keeps each chunk's instead (written once, read
 once), and the backward pass reads them rather than recomputing them: SmolLM2's 640 rows of a micro-batch over
 49,152 words are 126 MB, and a chunk's product costs more than writing and reading its logits (the SAMI step on
-SmolLM2, 2 cores: paired 0.97 of the time with them recomputed, session 32).
+SmolLM2, 2 cores: paired 0.988 of the time with them recomputed, session 32).
 
 With `kernel`, each chunk's logits, the rows' gradient and the chunk's weight gradient are products on
 `cpu_kernels.dot_nt`, `dot` and `dot_tn` (AMX tiles at float32 accuracy, see `transformer._matmuls_amx`). SmolLM2's
