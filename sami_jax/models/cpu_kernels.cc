@@ -321,6 +321,7 @@ constexpr int64_t kTileRows = 16, kTileK = 32, kTileElems = kTileRows * kTileK; 
 constexpr int64_t kPieces = 3;
 constexpr int64_t kAmxSlabRows = 128;                // rows per slab (their pieces: 128 x K x 6 bytes)
 constexpr int64_t kAmxGroupBytes = 768 << 10;        // a group's weight pieces
+constexpr int64_t kSplitUnit = 4;                    // row blocks or panels split by one thread at a time
 
 std::atomic<bool> amx_on{true};  // sami_amx(0) turns the AMX path off (tests compare the two)
 
@@ -478,24 +479,28 @@ inline void split_pair(__m512 a, __m512 b, uint16_t* out) {
   for (int64_t i = 0; i < kPieces; ++i) _mm512_storeu_si512(out + i * kTileElems, pair[i]);
 }
 
-// Rows a0 .. a0 + rows - 1 (rows <= 16) of x^T for x [D, M] (the product's inputs down D) as A tiles
-// out [KC][3][16 rows][32 inputs], zero past `rows` and D: each 32 inputs' pairs formed 16 columns at a
-// time, as split_pair does for a panel, then turned into tile rows by a 16 x 16 register transpose.
-void split_cols(const float* x, int64_t D, int64_t M, int64_t a0, int64_t rows, uint16_t* out) {
+// Row blocks b0 .. b1 - 1 (16 rows each) of x^T for x [D, M] (the product's inputs down D) as A tiles
+// [KC][3][16 rows][32 inputs] at out + (b - b0) * KC * 3 tiles, zero past M and D: each 32 inputs' pairs formed 16
+// columns at a time, as split_pair does for a panel, then turned into tile rows by a 16 x 16 register transpose.
+// The blocks go by within each 32 inputs, so that x's rows are read along their length (the blocks one at a
+// time read 64 bytes a row, a new page each for x [832, 1536]: 12% of such a product, against 10%).
+void split_cols(const float* x, int64_t D, int64_t M, int64_t b0, int64_t b1, uint16_t* out) {
   const int64_t KC = (D + kTileK - 1) / kTileK;
-  const __mmask16 mask = lanes(rows);
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t kc = 0; kc < KC; ++kc) {
-    f32x16 pairs[kPieces][kTileRows];
-    for (int64_t t = 0; t < kTileRows; ++t) {
-      const int64_t d = kc * kTileK + 2 * t;
-      __m512i pair[kPieces];
-      pair3(d < D ? _mm512_maskz_loadu_ps(mask, x + d * M + a0) : zero,
-            d + 1 < D ? _mm512_maskz_loadu_ps(mask, x + (d + 1) * M + a0) : zero, pair);
-      for (int64_t i = 0; i < kPieces; ++i) pairs[i][t] = reinterpret_cast<f32x16>(pair[i]);
+  for (int64_t kc = 0; kc < KC; ++kc)
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t a0 = b * kTileRows;
+      const __mmask16 mask = lanes(M - a0);
+      f32x16 pairs[kPieces][kTileRows];
+      for (int64_t t = 0; t < kTileRows; ++t) {
+        const int64_t d = kc * kTileK + 2 * t;
+        __m512i pair[kPieces];
+        pair3(d < D ? _mm512_maskz_loadu_ps(mask, x + d * M + a0) : zero,
+              d + 1 < D ? _mm512_maskz_loadu_ps(mask, x + (d + 1) * M + a0) : zero, pair);
+        for (int64_t i = 0; i < kPieces; ++i) pairs[i][t] = reinterpret_cast<f32x16>(pair[i]);
+      }
+      store_transposed(pairs, out + ((b - b0) * KC + kc) * kPieces * kTileElems);
     }
-    store_transposed(pairs, out + kc * kPieces * kTileElems);
-  }
 }
 
 // The 32 x 32 outputs of row blocks a0, a1 and panels b0, b1 (their A and B tiles, [KC][3] each) into c (row
@@ -570,7 +575,6 @@ struct Job {
 #ifdef SAMI_AMX
   int64_t KC = 0;                                // K in tiles of 32 inputs
   PooledBuffer xa, wb;                           // the slabs' and the panels' bf16 pieces
-  std::unique_ptr<std::atomic<int>[]> group_state;
 #endif
 
   // Runs fill() in the first thread to ask for an item whose state is `st` (0 to do, 1 being done, 2 ready);
@@ -626,61 +630,55 @@ struct Job {
 #ifdef SAMI_AMX
   static constexpr int64_t kTilesBytes = kPieces * kTileElems;  // (per 32 inputs of a row block or panel)
 
-  // Slab s's row blocks (an even number, the last zero-padded) as A tiles [blocks][KC][3][16][32].
-  const uint16_t* slab_pieces(int64_t s) {
-    uint16_t* out = xa.buf->data + s * slab / kTileRows * KC * kTilesBytes;
-    once(state[s], [&] {
-      for (int64_t b = 0; b < slab / kTileRows; ++b) {
-        const int64_t r0 = s * slab + b * kTileRows, rows = std::clamp<int64_t>(R - r0, 0, kTileRows);
-        if (x_transposed) {
-          split_cols(x, K, R, r0, rows, out + b * KC * kTilesBytes);
-        } else {
-          split_rows(x + r0 * K, rows, K, out + b * KC * kTilesBytes);
-        }
-      }
-    });
-    return out;
+  // Row blocks b0 .. b1 - 1 (zero past R) as A tiles [KC][3][16][32] each, in xa.
+  void split_blocks(int64_t b0, int64_t b1) {
+    uint16_t* out = xa.buf->data + b0 * KC * kTilesBytes;
+    if (x_transposed) return split_cols(x, K, R, b0, b1, out);
+    for (int64_t b = b0; b < b1; ++b, out += KC * kTilesBytes)
+      split_rows(x + b * kTileRows * K, std::clamp<int64_t>(R - b * kTileRows, 0, kTileRows), K, out);
   }
 
-  // Panels p0 .. p0 + group (zero past P) as B tiles [panels][KC][3][16 pairs of inputs][16 x 2].
-  const uint16_t* group_pieces(int64_t p0) {
+  // Panels p0 .. p1 - 1 (zero past P) as B tiles [KC][3][16 pairs of inputs][16 x 2] each, in wb.
+  void split_panels(int64_t p0, int64_t p1) {
     uint16_t* out = wb.buf->data + p0 * KC * kTilesBytes;
-    once(group_state[p0 / group], [&] {
-      thread_local std::vector<float> rebuilt;  // a block-stored panel as float32 [K, 16]
-      const __m512 zero = _mm512_setzero_ps();
-      for (int64_t p = p0; p < p0 + group; ++p) {
-        if (w_cols != nullptr) {  // the panel's 16 columns from 16 rows of W^T
-          split_rows_t(w_cols + p * kWidth * K, std::clamp<int64_t>(N - p * kWidth, 0, kWidth), K,
-                       out + (p - p0) * KC * kTilesBytes);
-          continue;
+    const __m512 zero = _mm512_setzero_ps();
+    if (w_rows != nullptr) {  // from the rows of W, each pair of rows across the panels (read along W's rows)
+      for (int64_t t = 0; t < KC * kTileRows; ++t)  // inputs 2t and 2t + 1
+        for (int64_t p = p0; p < p1; ++p) {
+          const __mmask16 mask = lanes(N - p * kWidth);
+          auto row = [&](int64_t k) { return k < K ? _mm512_maskz_loadu_ps(mask, w_rows + k * N + p * kWidth) : zero; };
+          split_pair(row(2 * t), row(2 * t + 1),
+                     out + ((p - p0) * KC + t / kTileRows) * kTilesBytes + t % kTileRows * kTileK);
         }
-        // The panel's weights of input k at src + k * stride (16 lanes, those of mask): straight from the rows of W,
-        // a float32 panel [K, 16], or a block-stored one rebuilt; none past P (zero tiles).
-        const float* src = nullptr;
-        int64_t stride = kWidth;
-        __mmask16 mask = lanes(kWidth);
-        if (p < P && w_rows != nullptr) {
-          src = w_rows + p * kWidth, stride = N, mask = lanes(N - p * kWidth);
-        } else if (p < P && wq == nullptr) {
-          src = w + p * K * kWidth;
-        } else if (p < P) {
-          rebuilt.resize(K * kWidth);
-          dequantize(wq, K, p, p + 1, rebuilt.data());
-          src = rebuilt.data();
-        }
-        auto row = [&](int64_t k) { return src != nullptr && k < K ? _mm512_maskz_loadu_ps(mask, src + k * stride) : zero; };
-        for (int64_t t = 0; t < KC * kTileRows; ++t)  // inputs 2t and 2t + 1
-          split_pair(row(2 * t), row(2 * t + 1), out + ((p - p0) * KC + t / kTileRows) * kTilesBytes + t % kTileRows * kTileK);
+      return;
+    }
+    thread_local std::vector<float> rebuilt;  // a block-stored panel as float32 [K, 16]
+    for (int64_t p = p0; p < p1; ++p, out += KC * kTilesBytes) {
+      if (w_cols != nullptr) {  // the panel's 16 columns from 16 rows of W^T
+        split_rows_t(w_cols + p * kWidth * K, std::clamp<int64_t>(N - p * kWidth, 0, kWidth), K, out);
+        continue;
       }
-    });
-    return out;
+      // The panel's 16 weights of input k at src + k * 16: a float32 panel [K, 16], or a block-stored one
+      // rebuilt; none past P (zero tiles).
+      const float* src = nullptr;
+      if (p < P && wq == nullptr) {
+        src = w + p * K * kWidth;
+      } else if (p < P) {
+        rebuilt.resize(K * kWidth);
+        dequantize(wq, K, p, p + 1, rebuilt.data());
+        src = rebuilt.data();
+      }
+      auto row = [&](int64_t k) { return src != nullptr && k < K ? _mm512_loadu_ps(src + k * kWidth) : zero; };
+      for (int64_t t = 0; t < KC * kTileRows; ++t)  // inputs 2t and 2t + 1
+        split_pair(row(2 * t), row(2 * t + 1), out + t / kTileRows * kTilesBytes + t % kTileRows * kTileK);
+    }
   }
 
   // Chunk c on AMX: the slab's row blocks x the group's panels, two by two.
   void run_amx(int64_t c) {
     const int64_t g = c / slabs, s = c % slabs, p0 = g * group, r_slab = s * slab;
-    const uint16_t* xs = slab_pieces(s);
-    const uint16_t* ws = group_pieces(p0);
+    const uint16_t* xs = xa.buf->data + r_slab / kTileRows * KC * kTilesBytes;
+    const uint16_t* ws = wb.buf->data + p0 * KC * kTilesBytes;
     const int64_t rows = std::min(R - r_slab, slab), n = std::min(group * kWidth, N - p0 * kWidth);  // outputs here
     const int64_t per = KC * kTilesBytes;  // bf16 per row block or panel
     alignas(64) float edge[2 * kTileRows * 2 * kWidth];  // a 32 x 32 block that reaches past y's edge
@@ -726,7 +724,9 @@ std::unique_ptr<Job> new_job(float* y, int64_t R, int64_t K, int64_t N) {
 }
 
 #ifdef SAMI_AMX
-// Runs the job on AMX tiles, shared out over the pool.
+// Runs the job on AMX tiles, shared out over the pool: first both operands split into their pieces, a few row
+// blocks or panels at a time, then the tile products. (Splitting each slab and group at its first use, as the
+// float32 tile does, kept the other thread waiting for it: the products ran 5-13% longer.)
 void run_on_amx(ffi::ThreadPool& pool, Job& job) {
   job.amx = true;
   const int64_t R = job.R, P = job.P, KC = job.KC = (job.K + kTileK - 1) / kTileK;
@@ -734,10 +734,15 @@ void run_on_amx(ffi::ThreadPool& pool, Job& job) {
   job.slabs = (R + job.slab - 1) / job.slab;
   job.group = std::max<int64_t>(2, kAmxGroupBytes / (KC * Job::kTilesBytes * 2) / 2 * 2);
   const int64_t groups = (P + job.group - 1) / job.group;
-  job.xa.get(job.slabs * job.slab / kTileRows * KC * Job::kTilesBytes);
-  job.wb.get(groups * job.group * KC * Job::kTilesBytes);
-  job.state.reset(new std::atomic<int>[job.slabs]());
-  job.group_state.reset(new std::atomic<int>[groups]());
+  const int64_t blocks = job.slabs * job.slab / kTileRows, panels = groups * job.group;
+  job.xa.get(blocks * KC * Job::kTilesBytes);
+  job.wb.get(panels * KC * Job::kTilesBytes);
+  const int64_t block_units = (blocks + kSplitUnit - 1) / kSplitUnit, panel_units = (panels + kSplitUnit - 1) / kSplitUnit;
+  parallel_for(pool, block_units + panel_units, [j = &job, blocks, panels, block_units](int64_t u) {
+    if (u < block_units) return j->split_blocks(u * kSplitUnit, std::min(blocks, (u + 1) * kSplitUnit));
+    u -= block_units;
+    j->split_panels(u * kSplitUnit, std::min(panels, (u + 1) * kSplitUnit));
+  });
   job.chunks = groups * job.slabs;
   parallel_for(pool, job.chunks, [j = &job](int64_t c) { j->chunk(c); });
 }
