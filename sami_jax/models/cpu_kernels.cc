@@ -557,8 +557,9 @@ constexpr int64_t kStreamGroupBytes = 256 << 10, kSlabGroupBytes = 1 << 20;
 
 std::atomic<uint64_t> next_job_id{1};
 
-// One product, shared by the threads that take chunks (a slab of rows x a group of panels) from it. Each
-// slab of x is transposed into row blocks by the first thread that needs it.
+// One product, shared by the threads that take chunks (a slab of rows x a group of panels) from it. On the float32
+// tile each slab of x is transposed into row blocks by the first thread that needs it; on AMX both operands are split
+// into their pieces before the chunks (run_on_amx).
 struct Job {
   const float* x = nullptr;     // [R, K], or [K, R] if x_transposed (AMX only)
   const float* w = nullptr;     // float32 panels, or
