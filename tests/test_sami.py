@@ -195,23 +195,22 @@ def test_logprob_matrix_on_smollm2_matches_transformers(smollm2_gguf, smollm2_tr
     responses = [[d.split("Assistant:")[1].split("\n\nHuman:")[0].strip()[:200] for d in hh_texts[2:4]]] * 2
     prompts = [[task.training_prompt(c, q) for c in cons] for q in queries]
     batch = build_pair_batch(model.tokenizer, prompts, responses)
+    pairs = [(i, k, j) for i in range(2) for k in range(2) for j in range(2)]
+    ref_lps = {}  # transformers' log-probs of each response's tokens, once for the four cases below
+    for i, k, j in pairs:
+        p = model.tokenizer.encode(prompts[i][k], add_bos=model.tokenizer.add_bos_default)
+        r = model.tokenizer.encode(responses[i][j])
+        with torch.no_grad():
+            logp = torch.log_softmax(smollm2_transformers(torch.tensor([p + r])).logits[0].double(), -1)
+        ref_lps[i, k, j] = [logp[len(p) - 1 + n, t].item() for n, t in enumerate(r)]
+        # the scored positions are exactly the response's tokens
+        assert batch.loss_mask[i, k, j].sum() == len(r)
+        assert batch.tokens[i, k, j][batch.loss_mask[i, k, j] == 1].tolist() == r
     for reduce, shared in (("mean", False), ("sum", False), ("mean", True), ("sum", True)):
-        diffs = []
         ours = np.asarray(logprob_matrix(model.params, model.config, batch.tokens, batch.attention, batch.loss_mask,
                                          reduce=reduce, response_len=response_window(batch.loss_mask),
                                          prompts_shared=shared,
                                          prompt_len=prompt_window(batch.loss_mask) if shared else None))
-        for i in range(2):
-            for k in range(2):
-                for j in range(2):
-                    p = model.tokenizer.encode(prompts[i][k], add_bos=model.tokenizer.add_bos_default)
-                    r = model.tokenizer.encode(responses[i][j])
-                    with torch.no_grad():
-                        logp = torch.log_softmax(smollm2_transformers(torch.tensor([p + r])).logits[0].double(), -1)
-                    lp = [logp[len(p) - 1 + n, t].item() for n, t in enumerate(r)]
-                    ref = np.mean(lp) if reduce == "mean" else np.sum(lp)
-                    diffs.append(abs(ours[i, k, j] - ref))
-                    # the scored positions are exactly the response's tokens
-                    assert batch.loss_mask[i, k, j].sum() == len(r)
-                    assert batch.tokens[i, k, j][batch.loss_mask[i, k, j] == 1].tolist() == r
+        reduce_fn = np.mean if reduce == "mean" else np.sum
+        diffs = [abs(ours[key] - reduce_fn(ref_lps[key])) for key in pairs]
         assert max(diffs) <= 1e-3, (reduce, shared, diffs)
