@@ -936,7 +936,17 @@ float softmax(float* p, int64_t lo, int64_t hi, float scale, Keep keep) {
 
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
-constexpr int64_t kQueries = 8;  // queries per chunk of attend_block and attend_block_grad
+// Register tiles of attend_block and attend_block_grad: queries per chunk, 16-slot blocks of a chunk's scores step,
+// 16-column blocks of its weighted sums, and slots x 16-column blocks of a rank update. Sized for the 32 zmm registers.
+// Without AVX-512 each f32x16 is two of AVX2's 16 ymm registers (GCC moves them through the stack in halves), and
+// these tiles spilled: the smaller ones below, the fastest of those tried, took one SAMI window's attention (2-core
+// AMD EPYC, session 35) from 72 to 19 ms forward and from 212 to 62 ms forward and backward; XLA's takes 8 and 18 ms,
+// so `auto` still leaves training on XLA there.
+#ifdef __AVX512F__
+constexpr int64_t kQueries = 8, kScoreBlocks = 2, kSumBlocks = 2, kRankSlots = 4, kRankBlocks = 4;
+#else
+constexpr int64_t kQueries = 4, kScoreBlocks = 1, kSumBlocks = 1, kRankSlots = 8, kRankBlocks = 1;
+#endif
 
 // Each token's first and last unmasked slot in mask [T, S] (first > last: none), found 8 mask bytes at a time;
 // returns the number of slots that any token reads, [0, used) (a fresh prefill's cache past its tokens is never
@@ -1022,36 +1032,38 @@ inline void scores_step(const float* const* xs, const float* xt, int64_t S16, in
 void chunk_scores(const float* const* xs, const float* xt, int64_t S16, int64_t D, int64_t lo, int64_t hi, int64_t nq,
                   float* p) {
   int64_t s0 = lo;
-  for (; s0 + 2 * kWidth <= hi; s0 += 2 * kWidth) scores_step<2>(xs, xt, S16, D, s0, nq, p);
+  for (; s0 + kScoreBlocks * kWidth <= hi; s0 += kScoreBlocks * kWidth) scores_step<kScoreBlocks>(xs, xt, S16, D, s0, nq, p);
   for (; s0 < hi; s0 += kWidth) scores_step<1>(xs, xt, S16, D, s0, nq, p);
 }
 
 // rows[s * stride + c] += the sum over i < nq of w[i * S16 + s] * xs[i][c], for s in [lo, hi) and c < D: a chunk's
-// rank-nq update of the keys' or values' gradient, 4 slots x 64 columns of sums in registers where D allows.
+// rank-nq update of the keys' or values' gradient, kRankSlots slots x kRankBlocks 16-column blocks of sums in registers
+// where D allows.
 void rank_update(float* rows, int64_t stride, int64_t lo, int64_t hi, const float* w, int64_t S16, int64_t nq,
                  const float* const* xs, int64_t D) {
+  constexpr int64_t U = kRankSlots, J = kRankBlocks;
   int64_t c = 0;
-  for (; c + 4 * kWidth <= D; c += 4 * kWidth) {
+  for (; c + J * kWidth <= D; c += J * kWidth) {
     int64_t s = lo;
-    for (; s + 4 <= hi; s += 4) {
-      f32x16 acc[4][4];
-      for (int u = 0; u < 4; ++u)
-        for (int j = 0; j < 4; ++j) acc[u][j] = load(rows + (s + u) * stride + c + j * kWidth);
+    for (; s + U <= hi; s += U) {
+      f32x16 acc[U][J];
+      for (int u = 0; u < U; ++u)
+        for (int j = 0; j < J; ++j) acc[u][j] = load(rows + (s + u) * stride + c + j * kWidth);
       for (int64_t i = 0; i < nq; ++i) {
-        f32x16 x[4];
-        for (int j = 0; j < 4; ++j) x[j] = load(xs[i] + c + j * kWidth);
-        for (int u = 0; u < 4; ++u) {
+        f32x16 x[J];
+        for (int j = 0; j < J; ++j) x[j] = load(xs[i] + c + j * kWidth);
+        for (int u = 0; u < U; ++u) {
           const float wi = w[i * S16 + s + u];
-          for (int j = 0; j < 4; ++j) acc[u][j] += wi * x[j];
+          for (int j = 0; j < J; ++j) acc[u][j] += wi * x[j];
         }
       }
-      for (int u = 0; u < 4; ++u) std::memcpy(rows + (s + u) * stride + c, acc[u], sizeof acc[u]);
+      for (int u = 0; u < U; ++u) std::memcpy(rows + (s + u) * stride + c, acc[u], sizeof acc[u]);
     }
     for (; s < hi; ++s) {
-      f32x16 acc[4];
-      for (int j = 0; j < 4; ++j) acc[j] = load(rows + s * stride + c + j * kWidth);
+      f32x16 acc[J];
+      for (int j = 0; j < J; ++j) acc[j] = load(rows + s * stride + c + j * kWidth);
       for (int64_t i = 0; i < nq; ++i)
-        for (int j = 0; j < 4; ++j) acc[j] += w[i * S16 + s] * load(xs[i] + c + j * kWidth);
+        for (int j = 0; j < J; ++j) acc[j] += w[i * S16 + s] * load(xs[i] + c + j * kWidth);
       std::memcpy(rows + s * stride + c, acc, sizeof acc);
     }
   }
@@ -1066,19 +1078,20 @@ void rank_update(float* rows, int64_t stride, int64_t lo, int64_t hi, const floa
       for (int64_t i = 0; i < nq; ++i) rows[s * stride + c] += w[i * S16 + s] * xs[i][c];
 }
 
-// os[i][c] = the sum over s in [lo, hi) of p[i * S16 + s] * rows[s * stride + c], for i < nq and c < D: 32 columns
-// x kQueries queries per step.
+// os[i][c] = the sum over s in [lo, hi) of p[i * S16 + s] * rows[s * stride + c], for i < nq and c < D: 16 kSumBlocks
+// columns x kQueries queries per step.
 void chunk_weighted(const float* p, int64_t S16, int64_t nq, const float* rows, int64_t stride, int64_t D, int64_t lo,
                     int64_t hi, float* const* os) {
+  constexpr int64_t J = kSumBlocks;
   int64_t c = 0;
-  for (; c + 2 * kWidth <= D; c += 2 * kWidth) {
-    f32x16 acc[kQueries][2] = {};
+  for (; c + J * kWidth <= D; c += J * kWidth) {
+    f32x16 acc[kQueries][J] = {};
     for (int64_t s = lo; s < hi; ++s) {
-      const f32x16 v0 = load(rows + s * stride + c), v1 = load(rows + s * stride + c + kWidth);
+      f32x16 v[J];
+      for (int j = 0; j < J; ++j) v[j] = load(rows + s * stride + c + j * kWidth);
       for (int64_t i = 0; i < kQueries; ++i) {
         const float pis = p[std::min(i, nq - 1) * S16 + s];
-        acc[i][0] += pis * v0;
-        acc[i][1] += pis * v1;
+        for (int j = 0; j < J; ++j) acc[i][j] += pis * v[j];
       }
     }
     for (int64_t i = 0; i < nq; ++i) std::memcpy(os[i] + c, acc[i], sizeof acc[i]);
