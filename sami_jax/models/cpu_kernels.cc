@@ -940,8 +940,8 @@ typedef uint8_t u8x16 __attribute__((vector_size(16)));
 // 16-column blocks of its weighted sums, and slots x 16-column blocks of a rank update. Sized for the 32 zmm registers.
 // Without AVX-512 each f32x16 is two of AVX2's 16 ymm registers (GCC moves them through the stack in halves), and
 // these tiles spilled: the smaller ones below, the fastest of those tried, took one SAMI window's attention (2-core
-// AMD EPYC, session 35) from 72 to 19 ms forward and from 212 to 62 ms forward and backward; XLA's takes 8 and 18 ms,
-// so `auto` still leaves training on XLA there.
+// AMD EPYC, session 35) from 72 to 19 ms forward and from 212 to 63 ms forward and backward; XLA's takes about 8 and
+// 19 ms, so `auto` still leaves training on XLA there.
 #ifdef __AVX512F__
 constexpr int64_t kQueries = 8, kScoreBlocks = 2, kSumBlocks = 2, kRankSlots = 4, kRankBlocks = 4;
 #else
@@ -1028,11 +1028,12 @@ inline void scores_step(const float* const* xs, const float* xt, int64_t S16, in
   for (int64_t i = 0; i < nq; ++i) std::memcpy(p + i * S16 + s0, acc[i], sizeof acc[i]);
 }
 
-// (32 slots a step where they are there: each broadcast query element serves two multiply-adds.)
+// (16 kScoreBlocks slots a step where they are there: each broadcast query element serves kScoreBlocks multiply-adds.)
 void chunk_scores(const float* const* xs, const float* xt, int64_t S16, int64_t D, int64_t lo, int64_t hi, int64_t nq,
                   float* p) {
+  constexpr int64_t NB = kScoreBlocks;
   int64_t s0 = lo;
-  for (; s0 + kScoreBlocks * kWidth <= hi; s0 += kScoreBlocks * kWidth) scores_step<kScoreBlocks>(xs, xt, S16, D, s0, nq, p);
+  for (; s0 + NB * kWidth <= hi; s0 += NB * kWidth) scores_step<NB>(xs, xt, S16, D, s0, nq, p);
   for (; s0 < hi; s0 += kWidth) scores_step<1>(xs, xt, S16, D, s0, nq, p);
 }
 
