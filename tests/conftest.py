@@ -107,10 +107,29 @@ def tldr_response_files() -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
             _require(judged / "3-vs-base-mistral-opus-constitution-temperature-0.0.json"))
 
 
+@pytest.fixture(params=[False, True], ids=["xla_dots", "kernel_dots"])
+def kernel_products(request, monkeypatch):
+    """Training's dense products on XLA's dots (SAMI_JAX_CPU_KERNELS=0), then on the CPU kernels
+    (`cpu_kernels.products`: AMX tiles, or the AVX2 GEMM where there is no AVX-512; skipped where neither). Yields
+    whether they are on the kernels."""
+    from sami_jax.models import cpu_kernels
+
+    if request.param:
+        monkeypatch.delenv("SAMI_JAX_CPU_KERNELS", raising=False)
+        if not (bool(shutil.which("g++") or shutil.which("c++")) and cpu_kernels.products()):
+            pytest.skip("no kernel for training's products here (AMX tiles, or AVX2 and FMA without AVX-512, "
+                        "and a C++ compiler)")
+    else:
+        monkeypatch.setenv("SAMI_JAX_CPU_KERNELS", "0")
+    jax.clear_caches()  # (training's products choose their kernel when traced: jitted functions keep the first)
+    yield request.param
+    jax.clear_caches()
+
+
 @pytest.fixture(params=[False, True], ids=["no_amx", "amx"])
 def amx(request):
-    """Products of more than 16 rows without AMX tiles (the CPU kernels' float32 tile; XLA's dots in training),
-    then on them (`cpu_kernels.amx`; skipped where there are none). Yields whether AMX is on."""
+    """The kernels' products of more than 16 rows without AMX tiles (their float32 tile, or the AVX2 GEMM where
+    there is no AVX-512), then on them (`cpu_kernels.amx`; skipped where there are none). Yields whether AMX is on."""
     from sami_jax.models import cpu_kernels
 
     loaded = bool(shutil.which("g++") or shutil.which("c++")) and cpu_kernels.load()

@@ -18,10 +18,12 @@ The kernels are XLA FFI handlers compiled on first use with the machine's C++ co
 c++; `-O3 -march=native`) against the installed jaxlib's FFI headers, and cached under
 $SAMI_JAX_CACHE (default ~/.cache/sami_jax) by a hash of the source, the jaxlib version and the CPU.
 SAMI_JAX_CPU_KERNELS selects: "auto" (the default) uses them on x86 CPUs with AVX-512, where the matmul
-is measured faster than XLA's GEMM at every row count; "1" wherever it builds; "0" never. Without a
-compiler, or if the build fails, a warning names the cause and the sampler keeps XLA's ops.
-Training's products run on the same AMX tiles where the CPU has them (`dot`, `dot_nt`, `dot_tn`: x W, dy W^T and
-x^T dy, each operand read as XLA holds it): `transformer._matmuls_amx` gives them a custom VJP, and
+is measured faster than XLA's GEMM at every row count, and for training's products alone on x86 CPUs with AVX2 but
+no AVX-512 (`products`); "1" wherever it builds; "0" never. Without a compiler, or if the build fails, a warning
+names the cause and XLA's ops run instead.
+Training's products (`dot`, `dot_nt`, `dot_tn`: x W, dy W^T and x^T dy, each operand read as XLA holds it) run on the
+same AMX tiles where the CPU has them, and on a packed AVX2 GEMM where it has AVX2 but no AVX-512 (`products`):
+`transformer._matmuls_kernel` gives them a custom VJP, and
 `logprobs.vocab_logprobs` runs the vocabulary head's products on them. Training's attention has its own pair,
 forward and backward (`attention_train`, `attention_grad`; AVX-512, the queries of a (row, KV head) in chunks
 over their unmasked slots), behind `attention.gqa_attention(kernel=True)`. The other kernels are forward only.
@@ -64,7 +66,7 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _lib = None  # the loaded library (`load`), for `pack_blocks`
 
 
-@functools.cache  # (read at every traced training product: `transformer._amx_applies`)
+@functools.cache  # (read at every traced training product: `transformer._kernel_applies`)
 def _cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -114,17 +116,17 @@ def load() -> bool:
     cxx = _compiler()
     if cxx is None:
         warnings.warn("sami_jax: no C++ compiler ($CXX, g++ or c++) to build the CPU kernels; "
-                      "the sampler uses XLA's ops (SAMI_JAX_CPU_KERNELS=0 silences this)", stacklevel=2)
+                      "XLA's ops run instead (SAMI_JAX_CPU_KERNELS=0 silences this)", stacklevel=2)
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
         for target in (TARGET, BLOCK_TARGET, DENSE_TARGET, ATTENTION_TARGET, ATTENTION_TRAIN_TARGET,
                        ATTENTION_GRAD_TARGET, TOP_P_TARGET, ARGMAX_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
-        lib.sami_pack_blocks.restype = lib.sami_amx.restype = ctypes.c_int
+        lib.sami_pack_blocks.restype = lib.sami_amx.restype = lib.sami_fma_gemm.restype = ctypes.c_int
         lib.sami_amx(0 if os.environ.get("SAMI_JAX_AMX", "auto").strip().lower() == "0" else 1)
     except (OSError, RuntimeError, AttributeError) as e:
-        warnings.warn(f"sami_jax: the CPU kernels did not build or load, the sampler uses XLA's ops: {e}",
+        warnings.warn(f"sami_jax: the CPU kernels did not build or load, XLA's ops run instead: {e}",
                       stacklevel=2)
         return False
     global _lib
@@ -132,21 +134,38 @@ def load() -> bool:
     return True
 
 
-def enabled() -> bool:
-    """Whether the sampler should use the kernels on this machine (SAMI_JAX_CPU_KERNELS, see the module doc)."""
+def _mode() -> str:
     mode = os.environ.get("SAMI_JAX_CPU_KERNELS", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"SAMI_JAX_CPU_KERNELS={mode!r}: want auto, 0 or 1")
+    return mode
+
+
+def enabled() -> bool:
+    """Whether the sampler should use the kernels on this machine (SAMI_JAX_CPU_KERNELS, see the module doc)."""
+    mode = _mode()
     if mode == "0" or (mode == "auto" and "avx512f" not in _cpu_flags()):
         return False
     return load()
+
+
+def products() -> bool:
+    """Whether training's dense products run on the kernels (`dot`, `dot_nt`, `dot_tn`, behind
+    `transformer._matmuls_kernel` and the vocabulary head): on AMX tiles where `enabled()` and `amx()` hold; on the
+    packed AVX2 GEMM (`fma::product` in cpu_kernels.cc) where the CPU has AVX2 and FMA but no AVX-512, also under
+    "auto" (a SmolLM2 layer's products on a 2-core AMD EPYC: 0.91 the time of XLA's dots, 0.87-0.95 by round).
+    SAMI_JAX_CPU_KERNELS=0 turns both off. Read when training's products are traced."""
+    flags = _cpu_flags()
+    if "avx512f" in flags or not {"avx2", "fma"} <= flags:
+        return enabled() and amx()
+    return _mode() != "0" and load() and bool(_lib.sami_fma_gemm())
 
 
 def amx(on: bool | None = None) -> bool:
     """Whether products of more than 16 rows run on AMX tiles (see `cpu_kernels.cc`: float32 results from six
     exact bf16 piece products), switched on or off first if `on` is given; False where the CPU, the kernel build
     or the OS has no AMX. On by default where it can be; SAMI_JAX_AMX=0 turns it off. Needs `load()`. Training's
-    products (`transformer._matmuls_amx`) choose AMX when they are traced: a jitted function already traced
+    products (`transformer._matmuls_kernel`) choose AMX when they are traced: a jitted function already traced
     keeps its choice until `jax.clear_caches()`."""
     return bool(_lib.sami_amx(-1 if on is None else int(on)))
 

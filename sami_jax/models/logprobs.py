@@ -16,7 +16,8 @@ once), and the backward pass reads them rather than recomputing them: SmolLM2's 
 SmolLM2, 2 cores: paired 0.988 of the time with them recomputed, session 32).
 
 With `kernel`, each chunk's logits, the rows' gradient and the chunk's weight gradient are products on
-`cpu_kernels.dot_nt`, `dot` and `dot_tn` (AMX tiles at float32 accuracy, see `transformer._matmuls_amx`). SmolLM2's
+`cpu_kernels.dot_nt`, `dot` and `dot_tn` (AMX tiles at float32 accuracy, or the AVX2 GEMM where there is no
+AVX-512; see `transformer._matmuls_kernel`). SmolLM2's
 head at the CPU benchmark's shapes (640 rows, forward and backward, 2 cores): 0.63 s against 0.76 s with the
 first two on the kernel; the chunk of 1,024 rows was the fastest of 512-4,096 both ways. The weight
 gradient through `dot` (transposed copies of both operands) was no faster; `dot_tn`'s is 0.58x XLA's.

@@ -23,7 +23,7 @@ from sami_jax.models import attention, cpu_kernels, logprobs, moe
 from sami_jax.models.config import ModelConfig
 from sami_jax.sharding import Sharder
 
-# The name of the training kernels' outputs (`_matmuls_amx`, `attention.gqa_attention`'s kernel): the dot policies
+# The name of the training kernels' outputs (`_matmuls_kernel`, `attention.gqa_attention`'s kernel): the dot policies
 # keep them as they keep XLA's dots.
 CPU_DOT = cpu_kernels.CPU_DOT
 _policies = jax.checkpoint_policies
@@ -103,21 +103,24 @@ _matmuls_cpu.defvjp(_matmuls_cpu_fwd, _matmuls_cpu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmuls_amx(x, ws, n_in):
-    """`_matmuls_cpu` on the CPU kernel's AMX tiles at float32 accuracy (each float32 split exactly into three bf16
-    pieces): x W on `cpu_kernels.dot`, dy W^T on `dot_nt` and dW = x^T dy on `dot_tn`, each operand read as XLA
-    holds it (no transposed or packed copy). Its outputs carry the name CPU_DOT, which the dot remat policies
-    keep. Float32, unsharded, on a CPU with AMX (`_project`).
+def _matmuls_kernel(x, ws, n_in):
+    """`_matmuls_cpu` on the CPU kernels (`cpu_kernels.products`): AMX tiles at float32 accuracy (each float32 split
+    exactly into three bf16 pieces), or the packed AVX2 GEMM where there is no AVX-512. x W on `cpu_kernels.dot`,
+    dy W^T on `dot_nt` and dW = x^T dy on `dot_tn`, each operand read as XLA holds it (no transposed copy; on AMX no
+    packed copy either). Its outputs carry the name CPU_DOT, which the dot remat policies keep. Float32, unsharded
+    (`_project`).
 
     In a SAMI step on SmolLM2 (2 cores, shared prompts, `dots_no_batch`, 4 micro-batches, one process,
     alternating): 14.34 s against 15.08 s with XLA's dots, when each call packed its weight as panels with an XLA
     transpose (session 27); dW on `dot_tn` instead of XLA's transpose and dot: paired ratio 0.914 (session 30);
     the weights read as they are instead of packed by XLA: 0.92-1.05x per product, 0.99 in the step (session
-    31, within the VM's noise). In a layer scan its weights are `LayerWeight`s, read in place from their stacks."""
-    return _amx_products(x, ws, n_in)
+    31, within the VM's noise). On the AVX2 GEMM (2-core AMD EPYC, session 36): paired medians 0.949, 0.986 and
+    0.946 in three comparisons of 5 rounds. In a layer scan its weights are `LayerWeight`s, read in place from their
+    stacks."""
+    return _kernel_products(x, ws, n_in)
 
 
-def _amx_products(x, ws, n_in):
+def _kernel_products(x, ws, n_in):
     lead, x2 = _rows(x, n_in)
     ys = (checkpoint_name(_dot_weight(cpu_kernels.dot, x2, w, x2.shape[1]), CPU_DOT) for w in ws)
     return tuple(y.reshape(*lead, *w.shape[n_in:]) for y, w in zip(ys, ws, strict=True))
@@ -131,13 +134,13 @@ def _dot_weight(product, x2, w, k: int):
     return product(x2, w.reshape(k, -1))
 
 
-def _matmuls_amx_fwd(x, ws, n_in):
+def _matmuls_kernel_fwd(x, ws, n_in):
     # (a LayerWeight's slice is not kept: its stack and index are, and the slice is never formed)
     kept = tuple(LayerWeight(None, w.stack, w.index) if isinstance(w, LayerWeight) else w for w in ws)
-    return _amx_products(x, ws, n_in), (x, kept)
+    return _kernel_products(x, ws, n_in), (x, kept)
 
 
-def _matmuls_amx_bwd(n_in, res, dys):
+def _matmuls_kernel_bwd(n_in, res, dys):
     x, ws = res
     _, x2 = _rows(x, n_in)
     dy2s = [dy.reshape(x2.shape[0], -1) for dy in dys]
@@ -147,27 +150,36 @@ def _matmuls_amx_bwd(n_in, res, dys):
                                       for w, dw in zip(ws, dws, strict=True))
 
 
-_matmuls_amx.defvjp(_matmuls_amx_fwd, _matmuls_amx_bwd)
+_matmuls_kernel.defvjp(_matmuls_kernel_fwd, _matmuls_kernel_bwd)
 
 
 def training_kernels(*arrays) -> bool:
-    """Whether training runs on the CPU kernels (`_matmuls_amx`, `attention.gqa_attention`'s kernel): float32
-    arrays, a CPU backend, and the kernels built with AMX tiles (`SAMI_JAX_CPU_KERNELS`, `SAMI_JAX_AMX`); the
+    """Whether training runs on the CPU kernels, its attention (`attention.gqa_attention`'s kernel) and its products
+    (`_matmuls_kernel`; see `training_products` for these alone): float32 arrays, a CPU backend, and the kernels
+    built with AMX tiles (`SAMI_JAX_CPU_KERNELS`, `SAMI_JAX_AMX`); the
     callers add: one device (the kernels are calls XLA cannot partition)."""
     return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
             and cpu_kernels.enabled() and cpu_kernels.amx())
 
 
-def _amx_applies(x, ws, n_in: int) -> bool:
-    """Whether `_matmuls_amx` takes these products: `training_kernels`, with more rows than a decode step's."""
-    return math.prod(x.shape[:x.ndim - n_in]) > cpu_kernels.ONE_PASS_ROWS and training_kernels(x, *ws)
+def training_products(*arrays) -> bool:
+    """Whether training's dense products run on the CPU kernels (`_matmuls_kernel`, the layers' weights read in place
+    from their stacks): float32 arrays, a CPU backend and `cpu_kernels.products()` (AMX tiles, or the AVX2 GEMM
+    where there is no AVX-512); the callers add: one device."""
+    return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
+            and cpu_kernels.products())
+
+
+def _kernel_applies(x, ws, n_in: int) -> bool:
+    """Whether `_matmuls_kernel` takes these products: `training_products`, with more rows than a decode step's."""
+    return math.prod(x.shape[:x.ndim - n_in]) > cpu_kernels.ONE_PASS_ROWS and training_products(x, *ws)
 
 
 @flax.struct.dataclass
 class LayerWeight:
     """A projection weight inside the layer scan on the CPU kernels (`hidden_states`): `w`, the layer's slice
     [*in, *out], through which its gradient flows, and the stack [layers, *in, *out] it is a slice of with the layer's
-    index, which `_matmuls_amx`'s products read in place. The slice itself is never formed: XLA copied each weight
+    index, which `_matmuls_kernel`'s products read in place. The slice itself is never formed: XLA copied each weight
     out of the stack for each kernel call, forward and backward (the SAMI step on SmolLM2, 2 cores: paired 0.97
     of the time with the copies, session 32)."""
 
@@ -261,12 +273,12 @@ def _weights(tree, names: Sequence[str]) -> list:
 def _project(x, ws, n_in: int = 1, sharded: bool = False) -> tuple[jax.Array, ...]:
     """`_matmuls`, with `_matmuls_cpu`'s backward where the program is lowered for a CPU (chosen at
     lowering, so that a TPU program compiled ahead of time on a CPU host keeps autodiff's), or, in an
-    unsharded program on a CPU with AMX, `_matmuls_amx`; weights given as `OutIn` go through
+    unsharded program where `training_products` holds, `_matmuls_kernel`; weights given as `OutIn` go through
     `_matmuls_out_in`."""
     if isinstance(ws[0], OutIn):
         return _matmuls_out_in(x, ws, n_in)
     slices = tuple(w.w if isinstance(w, LayerWeight) else w for w in ws)
-    cpu = (lambda x: _matmuls_amx(x, tuple(ws), n_in)) if not sharded and _amx_applies(x, ws, n_in) else \
+    cpu = (lambda x: _matmuls_kernel(x, tuple(ws), n_in)) if not sharded and _kernel_applies(x, ws, n_in) else \
         (lambda x: _matmuls_cpu(x, slices, n_in))
     return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: _matmuls(x, slices, n_in))
 
@@ -345,7 +357,7 @@ def token_logprobs(params, tokens_bt: jax.Array, config: ModelConfig, targets_bn
         x = rms_norm(x, params["norm"], config.rms_norm_eps)
         b, n, d = x.shape
         x = x.reshape(b * n, d)
-        kernel = _amx_applies(x, (w_vd,), 1)  # (the products of `_project`'s choice, for the same reasons)
+        kernel = _kernel_applies(x, (w_vd,), 1)  # (the products of `_project`'s choice, for the same reasons)
         return logprobs.vocab_logprobs(x, w_vd, targets.reshape(b * n), 1024, kernel).reshape(b, n)
 
     return jax.lax.platform_dependent(x, targets_bn, cpu=chunked, default=plain)
@@ -385,6 +397,7 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
 
     x = _embed(params, tokens_bt, sharder)
     kernel = sharder is None and training_kernels(x)  # (attention on the CPU kernels: `attention.gqa_attention`)
+    in_place = sharder is None and training_products(x)  # (the projections' weights read from their stacks)
 
     if attention_impl == "cudnn":
         lengths_b = jnp.sum(mask_bt, axis=1, dtype=jnp.int32)
@@ -413,7 +426,7 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
     if isinstance(params["layers"], tuple):  # per-layer params (`unstack_layers`): no slices of a stack
         for p in params["layers"]:
             x = body(x, p)
-    elif kernel:  # the projections read each layer's weights in place from the stacks (`LayerWeight`)
+    elif in_place:  # the projections read each layer's weights in place from the stacks (`LayerWeight`)
         layers = params["layers"]
         stacks = jax.lax.stop_gradient(layers)
         n = jax.tree.leaves(layers)[0].shape[0]
