@@ -98,9 +98,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
     parser.add_argument("--variants", help="ours as attention:remat[:option...], comma-separated; options: shared "
                         "(prompts shared), mN (N micro-batches instead of the setting's), bf16 (bfloat16 master "
-                        "params), loop (the layers unrolled, `scan_layers=False`), xladots (the weight products on "
-                        "XLA's dots where the CPU kernels would take them, `cpu_kernels.products`), xla_NAME=VALUE "
-                        "(an XLA option for this variant's compile alone). Default: "
+                        "params), loop (the layers unrolled, `scan_layers=False`), xlaops (the weight products and "
+                        "the attention on XLA's ops where the CPU kernels would take them, `cpu_kernels.training`), "
+                        "xla_NAME=VALUE (an XLA option for this variant's compile alone). Default: "
                         "einsum:none and einsum:dots_no_batch:shared:m4 on cpu; einsum:dots_no_batch, "
                         "einsum:dots_no_batch:shared and cudnn:dots_no_batch on gpu-1.1b")
     parser.add_argument("--reference-micro", type=int, help="micro-batches of the reference instead of the "
@@ -195,7 +195,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     import sami_jax
-    from sami_jax.models.transformer import training_products
+    from sami_jax.models.transformer import training_kernels
     from sami_jax.optim import OptimConfig
     from sami_jax.perf import peak_flops, train_flops
     from sami_jax.sami import init_train_state, prompt_window, response_window, sami_step
@@ -219,7 +219,7 @@ def main() -> None:
     print(f"reference: {ref_micro} micro-batches; malloc {args.malloc}")
     print(f"{'setting':70s} {'ours tok/s':>11s} {'ref tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'ref MFU':>8s}")
     for impl, remat, *options in variants:
-        unknown = [o for o in options if o not in ("shared", "bf16", "loop", "xladots") and o[:1] != "m"
+        unknown = [o for o in options if o not in ("shared", "bf16", "loop", "xlaops") and o[:1] != "m"
                    and not o.startswith("xla_")]
         if unknown:
             raise SystemExit(f"unknown variant options {unknown}")
@@ -230,11 +230,11 @@ def main() -> None:
         kwargs = dict(config=config, optim=optim, compute_dtype=jnp.bfloat16 if gpu else None, remat=remat,
                       response_len=response_window(loss_mask), attention_impl=impl, prompts_shared=shared,
                       prompt_len=prompt_window(loss_mask) if shared else None, scan_layers="loop" not in options)
-        # xladots: the weight products on XLA's dots where the CPU kernels would take them (`cpu_kernels.products`)
+        # xlaops: the weight products and the attention on XLA's ops where the CPU kernels would take them
         os.environ.pop("SAMI_JAX_CPU_KERNELS", None)
-        os.environ.update({"SAMI_JAX_CPU_KERNELS": "0"} if "xladots" in options else kernels_env)
-        jax.clear_caches()  # (the products choose their kernel when traced)
-        on_kernels = not gpu and training_products(jnp.zeros(1))
+        os.environ.update({"SAMI_JAX_CPU_KERNELS": "0"} if "xlaops" in options else kernels_env)
+        jax.clear_caches()  # (training chooses its kernels when traced)
+        on_kernels = not gpu and training_kernels(jnp.zeros(1))
         start_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params) if "bf16" in options else params
         state = init_train_state(start_params, optim)
         try:
@@ -275,7 +275,7 @@ def main() -> None:
         setting = (f"{label}, attention {impl}, remat {remat}{', prompts shared' if shared else ''}, "
                    f"{n_micro} micro-batches{', bf16 master params' if 'bf16' in options else ''}"
                    f"{', layers unrolled' if 'loop' in options else ''}"
-                   f"{', products on the CPU kernels' if on_kernels else ''}"
+                   f"{', products and attention on the CPU kernels' if on_kernels else ''}"
                    + "".join(f", {k}={v}" for k, v in xla.items()))
         record = {"setting": setting, "ours": ours_tps, "reference": ref_tps, "unit": "tokens/s",
                   "ratio": ours_tps / ref_tps, "reference_micro_batches": ref_micro, "ours_compile_s": compile_s,

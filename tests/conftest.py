@@ -107,21 +107,21 @@ def tldr_response_files() -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
             _require(judged / "3-vs-base-mistral-opus-constitution-temperature-0.0.json"))
 
 
-@pytest.fixture(params=[False, True], ids=["xla_dots", "kernel_dots"])
-def kernel_products(request, monkeypatch):
-    """Training's dense products on XLA's dots (SAMI_JAX_CPU_KERNELS=0), then on the CPU kernels
-    (`cpu_kernels.products`: AMX tiles, or the AVX2 GEMM where there is no AVX-512; skipped where neither). Yields
+@pytest.fixture(params=[False, True], ids=["xla", "kernels"])
+def training_on_kernels(request, monkeypatch):
+    """Training's dense products and attention on XLA's ops (SAMI_JAX_CPU_KERNELS=0), then on the CPU kernels
+    (`cpu_kernels.training`: AMX tiles, or the AVX2 GEMM where there is no AVX-512; skipped where neither). Yields
     whether they are on the kernels."""
     from sami_jax.models import cpu_kernels
 
     if request.param:
         monkeypatch.delenv("SAMI_JAX_CPU_KERNELS", raising=False)
-        if not (bool(shutil.which("g++") or shutil.which("c++")) and cpu_kernels.products()):
-            pytest.skip("no kernel for training's products here (AMX tiles, or AVX2 and FMA without AVX-512, "
+        if not (bool(shutil.which("g++") or shutil.which("c++")) and cpu_kernels.training()):
+            pytest.skip("no kernels for training here (AMX tiles, or AVX2 and FMA without AVX-512, "
                         "and a C++ compiler)")
     else:
         monkeypatch.setenv("SAMI_JAX_CPU_KERNELS", "0")
-    jax.clear_caches()  # (training's products choose their kernel when traced: jitted functions keep the first)
+    jax.clear_caches()  # (training chooses its kernels when traced: jitted functions keep the first)
     yield request.param
     jax.clear_caches()
 

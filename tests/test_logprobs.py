@@ -24,7 +24,7 @@ def _numpy_reference(x, w, targets, g):
 
 @pytest.mark.parametrize("keep", [True, False, None])  # the forward's logits read back, recomputed, by size (kept)
 @pytest.mark.parametrize("v, chunk", [(384, 128), (300, 128), (300, 512)])  # divisible, padded, one padded chunk
-def test_vocab_logprobs_match_numpy(v, chunk, keep, kernel_products):
+def test_vocab_logprobs_match_numpy(v, chunk, keep, training_on_kernels):
     rng = np.random.default_rng(0)
     n, d = 24, 16
     x = rng.normal(size=(n, d)).astype(np.float32)
@@ -35,14 +35,14 @@ def test_vocab_logprobs_match_numpy(v, chunk, keep, kernel_products):
     lp_ref, dx_ref, dw_ref = _numpy_reference(x, w, targets, g)
 
     def loss(x, w):
-        return jnp.sum(vocab_logprobs(x, w, jnp.asarray(targets), chunk, kernel_products, keep) * g)
+        return jnp.sum(vocab_logprobs(x, w, jnp.asarray(targets), chunk, training_on_kernels, keep) * g)
 
-    lp = jax.jit(vocab_logprobs, static_argnums=(3, 4, 5))(x, w, jnp.asarray(targets), chunk, kernel_products, keep)
+    lp = jax.jit(vocab_logprobs, static_argnums=(3, 4, 5))(x, w, jnp.asarray(targets), chunk, training_on_kernels, keep)
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     text = grad.lower(x, w).as_text()
     # logits, (recompute,) dx, dw
-    assert text.count("sami_dense_matmul") == (3 + (keep is False) if kernel_products else 0)
-    assert text.count("transpose_x = true") == (1 if kernel_products else 0)  # dw
+    assert text.count("sami_dense_matmul") == (3 + (keep is False) if training_on_kernels else 0)
+    assert text.count("transpose_x = true") == (1 if training_on_kernels else 0)  # dw
     dx, dw = grad(x, w)
     np.testing.assert_allclose(lp, lp_ref, rtol=0, atol=2e-5)
     np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=2e-5)

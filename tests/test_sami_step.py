@@ -12,7 +12,6 @@ import transformers
 from jax.sharding import PartitionSpec as P
 
 import sami_jax
-from sami_jax.models.transformer import training_kernels
 from sami_jax.optim import OptimConfig, make_optimizer, make_schedule
 from sami_jax.sami import init_train_state, logprob_matrix, sami_step
 from sami_jax.sharding import make_mesh
@@ -99,11 +98,11 @@ def _torch_sami_loss(hf, tokens, att, lm, autocast: bool = False):
 
 @pytest.mark.parametrize("shared,scan", [(False, True), (True, True), (False, False), (True, False)],
                          ids=["pairs", "prompts_shared", "pairs_unrolled", "prompts_shared_unrolled"])
-def test_gradients_match_torch(tmp_path, shared, scan, kernel_products):
+def test_gradients_match_torch(tmp_path, shared, scan, training_on_kernels):
     """d SAMI loss / d every weight (the CPU's custom matmul backward, with and without shared prompts, the
-    layers scanned or unrolled over per-layer weights, the weight products on XLA's dots or on the CPU
-    kernels: AMX tiles, or the AVX2 GEMM) equals torch autograd through transformers' model on the same pairs, tensor by
-    tensor."""
+    layers scanned or unrolled over per-layer weights, the weight products and the attention on XLA's ops or on
+    the CPU kernels: AMX tiles, or the AVX2 GEMM) equals torch autograd through transformers' model on the same
+    pairs, tensor by tensor."""
     from sami_jax.checkpoints.hf import at_path, tensor_table
     from sami_jax.models.transformer import stack_layers, unstack_layers
     from sami_jax.sami import prompt_window, response_window, sami_loss
@@ -121,7 +120,8 @@ def test_gradients_match_torch(tmp_path, shared, scan, kernel_products):
 
     params = model.params if scan else unstack_layers(model.params)
     step = jax.jit(jax.value_and_grad(ours_loss))
-    assert ("sami_dense_matmul" in step.lower(params).as_text()) == kernel_products
+    text = step.lower(params).as_text()
+    assert ("sami_dense_matmul" in text) == ("sami_attention_train" in text) == training_on_kernels
     value, grads = step(params)
     if not scan:
         assert isinstance(grads["layers"], tuple)
@@ -133,25 +133,24 @@ def test_gradients_match_torch(tmp_path, shared, scan, kernel_products):
 
 
 @pytest.mark.parametrize("remat,calls", [("dots_no_batch", 14), ("full", 20)])
-def test_kernel_products_follow_the_remat_policy(model, kernel_products, remat, calls):
+def test_kernels_follow_the_remat_policy(model, training_on_kernels, remat, calls):
     """On the CPU kernels the step's 7 weight products of a layer (x W) and their input gradients (dy W^T) are kernel
     calls; `dots_no_batch` keeps their outputs as it keeps XLA's dots (no forward products again in the
     backward pass), `full` recomputes them (all but the down projection's, whose output the layer's backward
     pass does not read). The vocabulary head adds 2 (its chunk logits, kept for the backward pass at this size, and
     the rows' gradient).
-    The weight gradients (x^T dy, x read transposed) are 7 more and the head's 1. Where the products are on AMX
-    (`training_kernels`), the attention runs on its kernels too, forward and backward."""
+    The weight gradients (x^T dy, x read transposed) are 7 more and the head's 1. The attention runs on its kernels
+    too, forward and backward (`training_kernels`)."""
     optim = OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant")
     tokens, att, lm = (x.reshape(2, 2, *x.shape[1:]) for x in _batch(4))
     text = sami_step.lower(init_train_state(model.params, optim), tokens, att, lm, config=model.config,
                            optim=optim, remat=remat).compile().as_text()
-    assert text.count('custom_call_target="sami_dense_matmul"') == (calls + 2 + 7 + 1 if kernel_products else 0)
-    assert text.count("transpose_x = true") == (7 + 1 if kernel_products else 0)
+    assert text.count('custom_call_target="sami_dense_matmul"') == (calls + 2 + 7 + 1 if training_on_kernels else 0)
+    assert text.count("transpose_x = true") == (7 + 1 if training_on_kernels else 0)
     # the attention's kernel: its output kept by `dots_no_batch` (no forward again in the backward pass)
-    attention = training_kernels(jnp.zeros(1))
     assert text.count('custom_call_target="sami_attention_train"') == ((1 if remat == "dots_no_batch" else 2)
-                                                                      if attention else 0)
-    assert text.count('custom_call_target="sami_attention_grad"') == (1 if attention else 0)
+                                                                      if training_on_kernels else 0)
+    assert text.count('custom_call_target="sami_attention_grad"') == (1 if training_on_kernels else 0)
 
 
 def test_bf16_compute_step_matches_torch_autocast(tmp_path):

@@ -37,6 +37,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -934,6 +936,48 @@ void product(ffi::ThreadPool& pool, Operand a, Operand b, float* y, int64_t M, i
   });
 }
 
+
+// b [K, N] (an Operand) as panels [ceil(N / 16)][K][16] (columns past N zero) in buf, 32-byte aligned.
+const float* pack_panels(Operand b, int64_t K, int64_t N, std::vector<float>& buf) {
+  const int64_t P = (N + NR - 1) / NR;
+  float* out = aligned(buf, P * K * NR);
+  for (int64_t p = 0; p < P; ++p) pack_panel(b, N, 0, K, p, out + p * K * NR);
+  return out;
+}
+
+// What a block of 6 rows of block_product multiplies: k in [k0, k1), panels [p0, p1).
+struct Span {
+  int64_t k0, k1, p0, p1;
+};
+
+// c [M, N] (row stride ldc) = a b, or += with accumulate, on the calling thread alone, with b packed by pack_panels
+// (K rows): each block of 6 rows from i0 only over span(i0)'s k and panels, the rest of c untouched. Attention's
+// products, whose causal masks leave each block of queries a range of slots.
+template <class F>
+void block_product(Operand a, int64_t M, const float* bp, int64_t K, int64_t N, float* c, int64_t ldc,
+                   bool accumulate, F span) {
+  thread_local std::vector<float> packed;
+  alignas(32) float edge[MR * NR];
+  for (int64_t i0 = 0; i0 < M; i0 += MR) {
+    const Span sp = span(i0);
+    if (sp.p0 >= sp.p1) continue;
+    const int64_t kc = std::max<int64_t>(0, sp.k1 - sp.k0), rows = std::min(MR, M - i0);
+    float* ap = aligned(packed, kc * MR);
+    if (kc > 0) pack_rows(a, M, i0, MR, sp.k0, kc, ap);
+    for (int64_t p = sp.p0; p < sp.p1; ++p) {
+      const float* b = bp + (p * K + sp.k0) * NR;
+      const int64_t cols = std::min(NR, N - p * NR);
+      float* cc = c + i0 * ldc + p * NR;
+      if (rows == MR && cols == NR) {
+        tile(kc, ap, b, cc, ldc, accumulate);
+        continue;
+      }
+      for (int64_t t = 0; t < rows && accumulate; ++t) std::memcpy(edge + t * NR, cc + t * ldc, cols * sizeof(float));
+      tile(kc, ap, b, edge, NR, accumulate);
+      for (int64_t t = 0; t < rows; ++t) std::memcpy(cc + t * ldc, edge + t * NR, cols * sizeof(float));
+    }
+  }
+}
 }  // namespace fma
 #endif
 
@@ -1072,26 +1116,28 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // e^x for each lane, within 2 ulp of float32's for x in [-87.3, 88.7] (clamped there: e^x below 1.2e-38 is
 // taken as that, not as a denormal or 0): 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, a degree-7 Taylor
 // polynomial for e^r (its error below 5e-9) and ln 2 in two parts so that r is exact.
-inline f32x16 exp16(f32x16 x) {
-  typedef int32_t i32x16 __attribute__((vector_size(64)));
-  const f32x16 lo = f32x16{} - 87.3f, hi = f32x16{} + 88.7f;
+// (V: f32x16, or 8 lanes for AVX2's registers.)
+template <class V>
+inline V exp_lanes(V x) {
+  typedef int32_t I __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} - 87.3f, hi = V{} + 88.7f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const f32x16 t = x * 1.44269504088896341f + kRound;
-  const f32x16 n = t - kRound;
-  const f32x16 r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
-  f32x16 poly = r * (1.0f / 5040) + 1.0f / 720;
+  const V t = x * 1.44269504088896341f + kRound;
+  const V n = t - kRound;
+  const V r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+  V poly = r * (1.0f / 5040) + 1.0f / 720;
   poly = poly * r + 1.0f / 120;
   poly = poly * r + 1.0f / 24;
   poly = poly * r + 1.0f / 6;
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  i32x16 bits;
+  I bits;
   std::memcpy(&bits, &t, sizeof bits);
   bits = (bits - 0x4B400000 + 127) << 23;  // 2^n: t's bits minus kRound's are n
-  f32x16 scale;
+  V scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return poly * scale;
 }
@@ -1113,7 +1159,7 @@ float softmax(float* p, int64_t lo, int64_t hi, float scale, Keep keep) {
   for (int64_t j = 1; j < kWidth; ++j) mx = std::max(mx, top[j]);
   f32x16 sum = {};
   for (int64_t s0 = lo; s0 < hi; s0 += kWidth) {
-    f32x16 e = exp16(load(p + s0) - mx);
+    f32x16 e = exp_lanes(load(p + s0) - mx);
     e = keep(s0) ? e : f32x16{};
     sum += e;
     std::memcpy(p + s0, &e, sizeof e);
@@ -1133,8 +1179,8 @@ typedef uint8_t u8x16 __attribute__((vector_size(16)));
 // 16-column blocks of its weighted sums, and slots x 16-column blocks of a rank update. Sized for the 32 zmm registers.
 // Without AVX-512 each f32x16 is two of AVX2's 16 ymm registers (GCC moves them through the stack in halves), and
 // these tiles spilled: the smaller ones below, the fastest of those tried, took one SAMI window's attention (2-core
-// AMD EPYC, session 35) from 72 to 19 ms forward and from 212 to 63 ms forward and backward; XLA's takes about 8 and
-// 19 ms, so `auto` still leaves training on XLA there.
+// AMD EPYC, session 35) from 72 to 19 ms forward and from 212 to 63 ms forward and backward, against XLA's 8 and 19.
+// Training's attention runs on the packed AVX2 GEMM there instead (fma::attend_train); these serve the sampler.
 #ifdef __AVX512F__
 constexpr int64_t kQueries = 8, kScoreBlocks = 2, kSumBlocks = 2, kRankSlots = 4, kRankBlocks = 4;
 #else
@@ -1393,7 +1439,7 @@ void attend_block_grad(const float* q, const float* k, const float* v, int64_t k
       }
       const f32x16 l = f32x16{} + lse[at(c0 + i)], row = f32x16{} + dot(dos[i], out + at(c0 + i) * D, D);
       for (int64_t s0 = ch.lo; s0 < ch.hi; s0 += kWidth) {
-        f32x16 e = exp16(load(pi + s0) * scales - l);
+        f32x16 e = exp_lanes(load(pi + s0) * scales - l);
         e = keep_lanes(m.data(), S16, i, s0) ? e : f32x16{};
         const f32x16 d = e * (load(di + s0) - row) * scales;
         std::memcpy(pi + s0, &e, sizeof e);
@@ -1555,6 +1601,210 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+#ifdef SAMI_FMA_GEMM
+namespace fma {
+
+// attend_block and attend_block_grad on AVX2's 16 registers, where their register tiles spill (see kQueries): one
+// (row, KV head)'s products on block_product. Its n = T G queries token-major as attend_block takes them, gathered
+// into rows [n, D]; each block of 6 queries reads the slots from its first unmasked one (rounded down to 16) to its
+// last (the block's Slots), of the slots [0, used) that any query reads. Buffers are the calling thread's. A SAMI
+// window's attention (4 rows of 160 queries over 96 prompt and 160 own slots, 3 KV heads of 3, head dim 64; 2-core AMD
+// EPYC, session 37): forward 2.6 ms, backward 5.7 ms (99 and 115 GFLOP/s of the causal products' useful FLOPs); with
+// their softmax on f32x16 the forward took 7.1 ms.
+struct TrainUnit {
+  int64_t T, H, G, D, S, S16, n, used = 0;
+  float scale;
+  std::vector<int64_t>& first = buffer<int64_t, 0>();
+  std::vector<int64_t>& last = buffer<int64_t, 1>();
+  std::vector<uint8_t>& mask16 = buffer<uint8_t, 0>();  // [T, S16], zero past S
+  struct Slots {
+    int64_t lo, hi;  // lo a multiple of 16; lo >= hi: no query of the block reads a slot
+  };
+  std::vector<Slots>& blocks = buffer<Slots, 0>();
+
+  template <class V, int I>
+  static std::vector<V>& buffer() {
+    thread_local std::vector<V> b;
+    return b;
+  }
+
+  TrainUnit(const bool* mask, int64_t T, int64_t H, int64_t G, int64_t D, int64_t S, float scale)
+      : T(T), H(H), G(G), D(D), S(S), S16((S + kWidth - 1) / kWidth * kWidth), n(T * G), scale(scale) {
+    used = mask_ranges(mask, T, S, first, last);
+    mask16.assign(T * S16, 0);
+    for (int64_t t = 0; t < T; ++t) std::memcpy(mask16.data() + t * S16, mask + t * S, S);
+    blocks.resize((n + MR - 1) / MR);
+    for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
+      int64_t lo = S, hi = 0;
+      for (int64_t j = b * MR; j < std::min(n, b * MR + MR); ++j)
+        if (!empty(j)) lo = std::min(lo, first[j / G]), hi = std::max(hi, last[j / G] + 1);
+      blocks[b] = {lo / kWidth * kWidth, hi};
+    }
+  }
+  typedef float f32x8 __attribute__((vector_size(32)));  // AVX2's register (f32x16 goes through the stack)
+  typedef int32_t i32x8 __attribute__((vector_size(32)));
+  typedef uint8_t u8x8 __attribute__((vector_size(8)));
+  static f32x8 load8(const float* p) {
+    f32x8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  auto keep8(int64_t j, int64_t s0) const {  // query j's mask over slots s0 .. s0 + 7, as all-ones lanes
+    u8x8 bytes;
+    std::memcpy(&bytes, mask16.data() + j / G * S16 + s0, sizeof bytes);
+    return __builtin_convertvector(bytes, i32x8) != 0;
+  }
+  // p[lo, hi) of query j (lo, hi multiples of 8) as exp(scale p - m) over its unmasked slots, 0 at the others, with
+  // m its largest scaled score; returns (m + the log of their sum, 1 / their sum).
+  std::pair<float, float> exps(float* p, int64_t j, int64_t lo, int64_t hi) const {
+    const f32x8 lowest = f32x8{} + std::numeric_limits<float>::lowest();
+    f32x8 top = lowest;
+    for (int64_t s0 = lo; s0 < hi; s0 += 8) {
+      const f32x8 x = keep8(j, s0) ? load8(p + s0) : lowest;
+      top = top > x ? top : x;
+    }
+    float mx = top[0];
+    for (int i = 1; i < 8; ++i) mx = std::max(mx, top[i]);
+    const f32x8 m = f32x8{} + mx * scale;
+    f32x8 sum = {};
+    for (int64_t s0 = lo; s0 < hi; s0 += 8) {
+      f32x8 e = exp_lanes(load8(p + s0) * scale - m);
+      e = keep8(j, s0) ? e : f32x8{};
+      sum += e;
+      std::memcpy(p + s0, &e, sizeof e);
+    }
+    float total = 0.0f;
+    for (int i = 0; i < 8; ++i) total += sum[i];
+    return {mx * scale + std::log(total), 1.0f / total};
+  }
+  bool empty(int64_t j) const { return first[j / G] > last[j / G]; }
+  int64_t at(int64_t j) const { return j / G * H * G + j % G; }  // query j's index in [T, H, G]
+  const Slots& of(int64_t j) const { return blocks[j / MR]; }
+  int64_t hi16(int64_t j) const { return (of(j).hi + kWidth - 1) / kWidth * kWidth; }
+  // x's queries (laid out as q) gathered into rows [n, D]
+  const float* gather(const float* x, std::vector<float>& rows) const {
+    rows.resize(n * D);
+    for (int64_t j = 0; j < n; ++j) std::memcpy(rows.data() + j * D, x + at(j) * D, D * sizeof(float));
+    return rows.data();
+  }
+  // rows [n, S16] = xs [n, D] times the slots' k^T over each block's slots
+  void scores(const float* xs, const float* kp, std::vector<float>& out) const {
+    out.resize(n * S16);
+    block_product(Operand{xs, D, 1}, n, kp, D, used, out.data(), S16, false, [this](int64_t i0) {
+      const Slots& b = of(i0);
+      return Span{0, D, b.lo / kWidth, (b.hi + kWidth - 1) / kWidth};
+    });
+  }
+  // out [n, D] = p [n, S16] times the slots' values (packed [used, D]) over each block's slots
+  void weighted(const float* p, const float* vp, std::vector<float>& out) const {
+    out.resize(n * D);
+    block_product(Operand{p, S16, 1}, n, vp, used, D, out.data(), D, false, [this](int64_t i0) {
+      const Slots& b = of(i0);
+      return Span{b.lo, b.hi, 0, (D + NR - 1) / NR};
+    });
+  }
+};
+
+void attend_train(const float* q, const float* k, const float* v, int64_t kv_stride, const bool* mask, float* out,
+                  float* lse, int64_t T, int64_t H, int64_t G, int64_t D, int64_t S, float scale) {
+  const TrainUnit u(mask, T, H, G, D, S, scale);
+  thread_local std::vector<float> qs, kp, vp, p, os, inv, mean;
+  u.scores(u.gather(q, qs), pack_panels(Operand{k, kv_stride, 1}, D, u.used, kp), p);
+  inv.resize(u.n);
+  for (int64_t j = 0; j < u.n; ++j) {  // the softmax's exponentials, normalized below in the weighted sums
+    float* pj = p.data() + j * u.S16;
+    const int64_t lo = u.of(j).lo, hi = u.hi16(j);
+    if (u.empty(j)) {
+      if (lo < hi) std::fill(pj + lo, pj + hi, 0.0f);
+      lse[u.at(j)] = 0.0f;
+      continue;
+    }
+    std::tie(lse[u.at(j)], inv[j]) = u.exps(pj, j, lo, hi);
+  }
+  u.weighted(p.data(), pack_panels(Operand{v, 1, kv_stride}, u.used, D, vp), os);
+  mean.clear();
+  for (int64_t j = 0; j < u.n; ++j) {
+    float* o = out + u.at(j) * D;
+    if (!u.empty(j)) {
+      for (int64_t c = 0; c < D; ++c) o[c] = os[j * D + c] * inv[j];
+      continue;
+    }
+    if (mean.empty()) {  // a query with no unmasked slot takes the mean of all S values
+      mean.assign(D, 0.0f);
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t c = 0; c < D; ++c) mean[c] += v[s * kv_stride + c];
+      for (float& x : mean) x /= static_cast<float>(S);
+    }
+    std::memcpy(o, mean.data(), D * sizeof(float));
+  }
+}
+
+// p = exp(scale q.k - lse) and ds = scale p (dout . v - dout . out) per query over its block's slots (zero over the
+// rest of [0, used)), then dq = ds k, and dk = ds^T q, dv = p^T dout over the queries that read each block of 6 slots.
+void attend_train_grad(const float* q, const float* k, const float* v, int64_t kv_stride, const bool* mask,
+                       const float* out, const float* lse, const float* dout, float* dq, float* dk, float* dv,
+                       int64_t T, int64_t H, int64_t G, int64_t D, int64_t S, float scale) {
+  const TrainUnit u(mask, T, H, G, D, S, scale);
+  thread_local std::vector<float> qs, gs, kp, p, ds, dqs, rows;
+  thread_local std::vector<int64_t> reader_lo, reader_hi;  // the tokens [lo, hi) that read slot s
+  const float* qrows = u.gather(q, qs);
+  const float* grows = u.gather(dout, gs);
+  u.scores(qrows, pack_panels(Operand{k, kv_stride, 1}, D, u.used, kp), p);
+  u.scores(grows, pack_panels(Operand{v, kv_stride, 1}, D, u.used, kp), ds);
+  const int64_t used16 = (u.used + kWidth - 1) / kWidth * kWidth;
+  for (int64_t j = 0; j < u.n; ++j) {
+    float *pj = p.data() + j * u.S16, *dj = ds.data() + j * u.S16;
+    const int64_t lo = u.empty(j) ? 0 : u.of(j).lo, hi = u.empty(j) ? 0 : u.hi16(j);
+    std::fill(pj, pj + lo, 0.0f), std::fill(dj, dj + lo, 0.0f);
+    std::fill(pj + std::max(lo, hi), pj + used16, 0.0f), std::fill(dj + std::max(lo, hi), dj + used16, 0.0f);
+    if (lo >= hi) continue;
+    using f32x8 = TrainUnit::f32x8;
+    const f32x8 l = f32x8{} + lse[u.at(j)], row = f32x8{} + dot(grows + j * D, out + u.at(j) * D, D);
+    for (int64_t s0 = lo; s0 < hi; s0 += 8) {
+      f32x8 e = exp_lanes(TrainUnit::load8(pj + s0) * scale - l);
+      e = u.keep8(j, s0) ? e : f32x8{};
+      const f32x8 d = e * (TrainUnit::load8(dj + s0) - row) * scale;
+      std::memcpy(pj + s0, &e, sizeof e);
+      std::memcpy(dj + s0, &d, sizeof d);
+    }
+  }
+  u.weighted(ds.data(), pack_panels(Operand{k, 1, kv_stride}, u.used, D, kp), dqs);
+  for (int64_t j = 0; j < u.n; ++j) {
+    float* o = dq + u.at(j) * D;
+    if (u.empty(j)) std::fill(o, o + D, 0.0f);  // (its scores are constants)
+    else std::memcpy(o, dqs.data() + j * D, D * sizeof(float));
+  }
+  reader_lo.assign(u.used, T);
+  reader_hi.assign(u.used, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t s = u.first[t]; s <= u.last[t]; ++s)
+      if (mask[t * S + s]) reader_lo[s] = std::min(reader_lo[s], t), reader_hi[s] = t + 1;
+  auto readers = [&](int64_t s0) {  // the queries that read slots s0 .. s0 + 5
+    int64_t lo = T, hi = 0;
+    for (int64_t s = s0; s < std::min(u.used, s0 + MR); ++s) lo = std::min(lo, reader_lo[s]), hi = std::max(hi, reader_hi[s]);
+    return Span{lo * G, hi * G, 0, lo < hi ? (D + NR - 1) / NR : 0};
+  };
+  block_product(Operand{ds.data(), 1, u.S16}, u.used, pack_panels(Operand{qrows, 1, D}, u.n, D, rows), u.n, D, dk,
+                kv_stride, false, readers);
+  block_product(Operand{p.data(), 1, u.S16}, u.used, pack_panels(Operand{grows, 1, D}, u.n, D, rows), u.n, D, dv,
+                kv_stride, false, readers);
+  for (int64_t s = 0; s < S; ++s) {  // the slots that no query reads (and those past `used`) get none
+    if (s < u.used && reader_lo[s] < reader_hi[s]) continue;
+    std::fill(dk + s * kv_stride, dk + s * kv_stride + D, 0.0f);
+    std::fill(dv + s * kv_stride, dv + s * kv_stride + D, 0.0f);
+  }
+  const float inv = 1.0f / static_cast<float>(S);
+  for (int64_t j = 0; j < u.n; ++j) {  // a query with no unmasked slot took the mean of all values
+    if (!u.empty(j)) continue;
+    const float* g = grows + j * D;
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t c = 0; c < D; ++c) dv[s * kv_stride + c] += g[c] * inv;
+  }
+}
+
+}  // namespace fma
+#endif
+
 // Training's attention: q [B, T, H, G, D] (H KV heads of G query heads), keys and values [B, S, H, D] as the
 // projections give them, mask [B, T, S]; the forward pass (AttentionTrain) writes out like q and each query's
 // log-sum-exp lse [B, T, H, G], the backward pass (AttentionGrad) dq like q and dk, dv like k. Same function as
@@ -1592,8 +1842,13 @@ ffi::Error AttentionTrain(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const bool* ms = mask.typed_data();
   float *os = out->typed_data(), *ls = lse->typed_data();
+#ifdef SAMI_FMA_GEMM
+  using fma::attend_train;
+#else
+  const auto attend_train = attend_block;
+#endif
   parallel_for(pool, z.B * z.H, [=](int64_t u) {
-    attend_block(qs + z.q_at(u), ks + z.kv_at(u), vs + z.kv_at(u), z.H * z.D, ms + z.mask_at(u), os + z.q_at(u),
+    attend_train(qs + z.q_at(u), ks + z.kv_at(u), vs + z.kv_at(u), z.H * z.D, ms + z.mask_at(u), os + z.q_at(u),
                  ls + z.lse_at(u), z.T, z.H, z.G, z.D, z.S, z.scale);
   });
   return ffi::Error::Success();
@@ -1614,8 +1869,13 @@ ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data(), *os = out.typed_data();
   const float *ls = lse.typed_data(), *gs = dout.typed_data();
   const bool* ms = mask.typed_data();
+#ifdef SAMI_FMA_GEMM
+  using fma::attend_train_grad;
+#else
+  const auto attend_train_grad = attend_block_grad;
+#endif
   parallel_for(pool, z.B * z.H, [=](int64_t u) {
-    attend_block_grad(qs + z.q_at(u), ks + z.kv_at(u), vs + z.kv_at(u), z.H * z.D, ms + z.mask_at(u), os + z.q_at(u),
+    attend_train_grad(qs + z.q_at(u), ks + z.kv_at(u), vs + z.kv_at(u), z.H * z.D, ms + z.mask_at(u), os + z.q_at(u),
                       ls + z.lse_at(u), gs + z.q_at(u), dqs + z.q_at(u), dks + z.kv_at(u), dvs + z.kv_at(u), z.T, z.H,
                       z.G, z.D, z.S, z.scale);
   });

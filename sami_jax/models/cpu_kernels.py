@@ -18,15 +18,16 @@ The kernels are XLA FFI handlers compiled on first use with the machine's C++ co
 c++; `-O3 -march=native`) against the installed jaxlib's FFI headers, and cached under
 $SAMI_JAX_CACHE (default ~/.cache/sami_jax) by a hash of the source, the jaxlib version and the CPU.
 SAMI_JAX_CPU_KERNELS selects: "auto" (the default) uses them on x86 CPUs with AVX-512, where the matmul
-is measured faster than XLA's GEMM at every row count, and for training's products alone on x86 CPUs with AVX2 but
-no AVX-512 (`products`); "1" wherever it builds; "0" never. Without a compiler, or if the build fails, a warning
-names the cause and XLA's ops run instead.
+is measured faster than XLA's GEMM at every row count, and for training alone (its products and attention) on x86
+CPUs with AVX2 but no AVX-512 (`training`); "1" wherever it builds; "0" never. Without a compiler, or if the build
+fails, a warning names the cause and XLA's ops run instead.
 Training's products (`dot`, `dot_nt`, `dot_tn`: x W, dy W^T and x^T dy, each operand read as XLA holds it) run on the
-same AMX tiles where the CPU has them, and on a packed AVX2 GEMM where it has AVX2 but no AVX-512 (`products`):
+same AMX tiles where the CPU has them, and on a packed AVX2 GEMM where it has AVX2 but no AVX-512 (`training`):
 `transformer._matmuls_kernel` gives them a custom VJP, and
 `logprobs.vocab_logprobs` runs the vocabulary head's products on them. Training's attention has its own pair,
-forward and backward (`attention_train`, `attention_grad`; AVX-512, the queries of a (row, KV head) in chunks
-over their unmasked slots), behind `attention.gqa_attention(kernel=True)`. The other kernels are forward only.
+forward and backward (`attention_train`, `attention_grad`: per (row, KV head), each block of queries over the slots
+from its first unmasked one to its last; with AVX-512 in register tiles of their own, with AVX2 on the packed GEMM),
+behind `attention.gqa_attention(kernel=True)`. The other kernels are forward only.
 """
 
 from __future__ import annotations
@@ -149,12 +150,13 @@ def enabled() -> bool:
     return load()
 
 
-def products() -> bool:
-    """Whether training's dense products run on the kernels (`dot`, `dot_nt`, `dot_tn`, behind
-    `transformer._matmuls_kernel` and the vocabulary head): on AMX tiles where `enabled()` and `amx()` hold; on the
-    packed AVX2 GEMM (`fma::product` in cpu_kernels.cc) where the CPU has AVX2 and FMA but no AVX-512, also under
-    "auto" (a SmolLM2 layer's products on a 2-core AMD EPYC: 0.91 the time of XLA's dots, 0.87-0.95 by round).
-    SAMI_JAX_CPU_KERNELS=0 turns both off. Read when training's products are traced."""
+def training() -> bool:
+    """Whether training runs on the kernels: its dense products (`dot`, `dot_nt`, `dot_tn`, behind
+    `transformer._matmuls_kernel` and the vocabulary head) and its attention (`attention_train`, `attention_grad`).
+    On AMX tiles where `enabled()` and `amx()` hold; on the packed AVX2 GEMM (`fma::product` and `fma::attend_train`
+    in cpu_kernels.cc) where the CPU has AVX2 and FMA but no AVX-512, also under "auto" (on a 2-core AMD EPYC a
+    SmolLM2 layer's products took 0.91 the time of XLA's dots, session 36, and a SAMI micro-batch's attention,
+    forward and backward, 0.80, session 37). SAMI_JAX_CPU_KERNELS=0 turns both off. Read when training is traced."""
     flags = _cpu_flags()
     if "avx512f" in flags or not {"avx2", "fma"} <= flags:
         return enabled() and amx()

@@ -104,7 +104,7 @@ _matmuls_cpu.defvjp(_matmuls_cpu_fwd, _matmuls_cpu_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmuls_kernel(x, ws, n_in):
-    """`_matmuls_cpu` on the CPU kernels (`cpu_kernels.products`): AMX tiles at float32 accuracy (each float32 split
+    """`_matmuls_cpu` on the CPU kernels (`cpu_kernels.training`): AMX tiles at float32 accuracy (each float32 split
     exactly into three bf16 pieces), or the packed AVX2 GEMM where there is no AVX-512. x W on `cpu_kernels.dot`,
     dy W^T on `dot_nt` and dW = x^T dy on `dot_tn`, each operand read as XLA holds it (no transposed copy; on AMX no
     packed copy either). Its outputs carry the name CPU_DOT, which the dot remat policies keep. Float32, unsharded
@@ -154,25 +154,17 @@ _matmuls_kernel.defvjp(_matmuls_kernel_fwd, _matmuls_kernel_bwd)
 
 
 def training_kernels(*arrays) -> bool:
-    """Whether training runs on the CPU kernels, its attention (`attention.gqa_attention`'s kernel) and its products
-    (`_matmuls_kernel`; see `training_products` for these alone): float32 arrays, a CPU backend, and the kernels
-    built with AMX tiles (`SAMI_JAX_CPU_KERNELS`, `SAMI_JAX_AMX`); the
-    callers add: one device (the kernels are calls XLA cannot partition)."""
+    """Whether training runs on the CPU kernels, its attention (`attention.gqa_attention`'s kernel) and its dense
+    products (`_matmuls_kernel`, the layers' weights read in place from their stacks): float32 arrays, a CPU backend
+    and `cpu_kernels.training()` (AMX tiles, or the AVX2 GEMM where there is no AVX-512; `SAMI_JAX_CPU_KERNELS`,
+    `SAMI_JAX_AMX`); the callers add: one device (the kernels are calls XLA cannot partition)."""
     return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
-            and cpu_kernels.enabled() and cpu_kernels.amx())
-
-
-def training_products(*arrays) -> bool:
-    """Whether training's dense products run on the CPU kernels (`_matmuls_kernel`, the layers' weights read in place
-    from their stacks): float32 arrays, a CPU backend and `cpu_kernels.products()` (AMX tiles, or the AVX2 GEMM
-    where there is no AVX-512); the callers add: one device."""
-    return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
-            and cpu_kernels.products())
+            and cpu_kernels.training())
 
 
 def _kernel_applies(x, ws, n_in: int) -> bool:
-    """Whether `_matmuls_kernel` takes these products: `training_products`, with more rows than a decode step's."""
-    return math.prod(x.shape[:x.ndim - n_in]) > cpu_kernels.ONE_PASS_ROWS and training_products(x, *ws)
+    """Whether `_matmuls_kernel` takes these products: `training_kernels`, with more rows than a decode step's."""
+    return math.prod(x.shape[:x.ndim - n_in]) > cpu_kernels.ONE_PASS_ROWS and training_kernels(x, *ws)
 
 
 @flax.struct.dataclass
@@ -273,7 +265,7 @@ def _weights(tree, names: Sequence[str]) -> list:
 def _project(x, ws, n_in: int = 1, sharded: bool = False) -> tuple[jax.Array, ...]:
     """`_matmuls`, with `_matmuls_cpu`'s backward where the program is lowered for a CPU (chosen at
     lowering, so that a TPU program compiled ahead of time on a CPU host keeps autodiff's), or, in an
-    unsharded program where `training_products` holds, `_matmuls_kernel`; weights given as `OutIn` go through
+    unsharded program where `training_kernels` holds, `_matmuls_kernel`; weights given as `OutIn` go through
     `_matmuls_out_in`."""
     if isinstance(ws[0], OutIn):
         return _matmuls_out_in(x, ws, n_in)
@@ -396,8 +388,8 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
     cos, sin = attention.rope_cos_sin(positions_bt, attention.rope_inv_freq(config))
 
     x = _embed(params, tokens_bt, sharder)
-    kernel = sharder is None and training_kernels(x)  # (attention on the CPU kernels: `attention.gqa_attention`)
-    in_place = sharder is None and training_products(x)  # (the projections' weights read from their stacks)
+    # (attention on the CPU kernels, `attention.gqa_attention`; the projections' weights read from their stacks)
+    kernel = sharder is None and training_kernels(x)
 
     if attention_impl == "cudnn":
         lengths_b = jnp.sum(mask_bt, axis=1, dtype=jnp.int32)
@@ -426,7 +418,7 @@ def hidden_states(params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt:
     if isinstance(params["layers"], tuple):  # per-layer params (`unstack_layers`): no slices of a stack
         for p in params["layers"]:
             x = body(x, p)
-    elif in_place:  # the projections read each layer's weights in place from the stacks (`LayerWeight`)
+    elif kernel:  # the projections read each layer's weights in place from the stacks (`LayerWeight`)
         layers = params["layers"]
         stacks = jax.lax.stop_gradient(layers)
         n = jax.tree.leaves(layers)[0].shape[0]
