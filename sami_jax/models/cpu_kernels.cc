@@ -809,6 +809,16 @@ inline void tile(int64_t kc, const float* __restrict a, const float* __restrict 
   }
 }
 
+// tile for the first `rows` rows and `cols` columns of c alone (through a buffer where either is short of a tile's).
+inline void tile_part(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t rows, int64_t cols,
+                      bool accumulate) {
+  if (rows == MR && cols == NR) return tile(kc, a, b, c, ldc, accumulate);
+  alignas(32) float edge[MR * NR];
+  for (int64_t t = 0; t < rows && accumulate; ++t) std::memcpy(edge + t * NR, c + t * ldc, cols * sizeof(float));
+  tile(kc, a, b, edge, NR, accumulate);
+  for (int64_t t = 0; t < rows; ++t) std::memcpy(c + t * ldc, edge + t * NR, cols * sizeof(float));
+}
+
 // r[0..7] transposed in place: lane j of r[i] becomes lane i of r[j].
 inline void transpose8(__m256* r) {
   __m256 t[8], u[8];
@@ -912,7 +922,6 @@ void product(ffi::ThreadPool& pool, Operand a, Operand b, float* y, int64_t M, i
     const int64_t i0 = u * mc, rows = std::min(mc, M - i0);
     for (int64_t kb = 0; kb < blocks_k; ++kb) pack_rows(a, M, i0, rows, kb * KC, std::min(KC, K - kb * KC),
                                                        ap + kb * mc * KC);
-    alignas(32) float edge[MR * NR];
     // Each panel's [mc, 16] of y through all k blocks, so that it stays in L1 while the blocks add to it.
     for (int64_t p = 0; p < P; ++p) {
       const int64_t j0 = p * NR, cols = std::min(NR, N - j0);
@@ -920,17 +929,8 @@ void product(ffi::ThreadPool& pool, Operand a, Operand b, float* y, int64_t M, i
         const int64_t kc = std::min(KC, K - kb * KC);
         const float* panel = bp + (kb * P + p) * KC * NR;
         const float* rows_kb = ap + kb * mc * KC;
-        for (int64_t i = 0; i < rows; i += MR) {
-          float* c = y + (i0 + i) * N + j0;
-          const int64_t r = std::min(MR, rows - i);
-          if (r == MR && cols == NR) {
-            tile(kc, rows_kb + i * kc, panel, c, N, kb > 0);
-            continue;
-          }
-          for (int64_t t = 0; t < r && kb > 0; ++t) std::memcpy(edge + t * NR, c + t * N, cols * sizeof(float));
-          tile(kc, rows_kb + i * kc, panel, edge, NR, kb > 0);
-          for (int64_t t = 0; t < r; ++t) std::memcpy(c + t * N, edge + t * NR, cols * sizeof(float));
-        }
+        for (int64_t i = 0; i < rows; i += MR)
+          tile_part(kc, rows_kb + i * kc, panel, y + (i0 + i) * N + j0, N, std::min(MR, rows - i), cols, kb > 0);
       }
     }
   });
@@ -957,25 +957,15 @@ template <class F>
 void block_product(Operand a, int64_t M, const float* bp, int64_t K, int64_t N, float* c, int64_t ldc,
                    bool accumulate, F span) {
   thread_local std::vector<float> packed;
-  alignas(32) float edge[MR * NR];
   for (int64_t i0 = 0; i0 < M; i0 += MR) {
     const Span sp = span(i0);
     if (sp.p0 >= sp.p1) continue;
     const int64_t kc = std::max<int64_t>(0, sp.k1 - sp.k0), rows = std::min(MR, M - i0);
     float* ap = aligned(packed, kc * MR);
     if (kc > 0) pack_rows(a, M, i0, MR, sp.k0, kc, ap);
-    for (int64_t p = sp.p0; p < sp.p1; ++p) {
-      const float* b = bp + (p * K + sp.k0) * NR;
-      const int64_t cols = std::min(NR, N - p * NR);
-      float* cc = c + i0 * ldc + p * NR;
-      if (rows == MR && cols == NR) {
-        tile(kc, ap, b, cc, ldc, accumulate);
-        continue;
-      }
-      for (int64_t t = 0; t < rows && accumulate; ++t) std::memcpy(edge + t * NR, cc + t * ldc, cols * sizeof(float));
-      tile(kc, ap, b, edge, NR, accumulate);
-      for (int64_t t = 0; t < rows; ++t) std::memcpy(cc + t * ldc, edge + t * NR, cols * sizeof(float));
-    }
+    for (int64_t p = sp.p0; p < sp.p1; ++p)
+      tile_part(kc, ap, bp + (p * K + sp.k0) * NR, c + i0 * ldc + p * NR, ldc, rows, std::min(NR, N - p * NR),
+                accumulate);
   }
 }
 }  // namespace fma
@@ -1187,6 +1177,23 @@ constexpr int64_t kQueries = 8, kScoreBlocks = 2, kSumBlocks = 2, kRankSlots = 4
 constexpr int64_t kQueries = 4, kScoreBlocks = 1, kSumBlocks = 1, kRankSlots = 8, kRankBlocks = 1;
 #endif
 
+// mean [D]: the mean of all S values (D floats each, kv_stride apart), what a query with no unmasked slot takes;
+// computed on first use (mean empty), once for all such queries of a (row, KV head).
+void value_mean(const float* v, int64_t kv_stride, int64_t D, int64_t S, std::vector<float>& mean) {
+  if (!mean.empty()) return;
+  mean.assign(D, 0.0f);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t c = 0; c < D; ++c) mean[c] += v[s * kv_stride + c];
+  for (float& x : mean) x /= static_cast<float>(S);
+}
+
+// That query's gradient to the values: dout / S added to each of the S slots of dv.
+void spread_to_values(const float* dout, float* dv, int64_t kv_stride, int64_t D, int64_t S) {
+  const float inv = 1.0f / static_cast<float>(S);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t c = 0; c < D; ++c) dv[s * kv_stride + c] += dout[c] * inv;
+}
+
 // Each token's first and last unmasked slot in mask [T, S] (first > last: none), found 8 mask bytes at a time;
 // returns the number of slots that any token reads, [0, used) (a fresh prefill's cache past its tokens is never
 // read).
@@ -1381,12 +1388,7 @@ void attend_block(const float* q, const float* k, const float* v, int64_t kv_str
     chunk_weighted(p.data(), S16, ch.nq, v, kv_stride, D, ch.lo, ch.hi, os);
     for (int64_t i = 0; i < ch.nq; ++i) {
       if (!ch.empty[i]) continue;
-      if (mean.empty()) {
-        mean.assign(D, 0.0f);
-        for (int64_t s = 0; s < S; ++s)
-          for (int64_t c = 0; c < D; ++c) mean[c] += v[s * kv_stride + c];
-        for (float& x : mean) x /= static_cast<float>(S);
-      }
+      value_mean(v, kv_stride, D, S, mean);
       std::memcpy(os[i], mean.data(), D * sizeof(float));
     }
   }
@@ -1452,9 +1454,7 @@ void attend_block_grad(const float* q, const float* k, const float* v, int64_t k
     for (int64_t i = 0; i < ch.nq; ++i) {
       if (!ch.empty[i]) continue;
       std::fill(dqs[i], dqs[i] + D, 0.0f);
-      const float inv = 1.0f / static_cast<float>(S);
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t c = 0; c < D; ++c) dv[s * kv_stride + c] += dos[i][c] * inv;
+      spread_to_values(dos[i], dv, kv_stride, D, S);
     }
   }
 }
@@ -1729,12 +1729,7 @@ void attend_train(const float* q, const float* k, const float* v, int64_t kv_str
       for (int64_t c = 0; c < D; ++c) o[c] = os[j * D + c] * inv[j];
       continue;
     }
-    if (mean.empty()) {  // a query with no unmasked slot takes the mean of all S values
-      mean.assign(D, 0.0f);
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t c = 0; c < D; ++c) mean[c] += v[s * kv_stride + c];
-      for (float& x : mean) x /= static_cast<float>(S);
-    }
+    value_mean(v, kv_stride, D, S, mean);  // (a query with no unmasked slot)
     std::memcpy(o, mean.data(), D * sizeof(float));
   }
 }
@@ -1793,13 +1788,8 @@ void attend_train_grad(const float* q, const float* k, const float* v, int64_t k
     std::fill(dk + s * kv_stride, dk + s * kv_stride + D, 0.0f);
     std::fill(dv + s * kv_stride, dv + s * kv_stride + D, 0.0f);
   }
-  const float inv = 1.0f / static_cast<float>(S);
-  for (int64_t j = 0; j < u.n; ++j) {  // a query with no unmasked slot took the mean of all values
-    if (!u.empty(j)) continue;
-    const float* g = grows + j * D;
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t c = 0; c < D; ++c) dv[s * kv_stride + c] += g[c] * inv;
-  }
+  for (int64_t j = 0; j < u.n; ++j)  // a query with no unmasked slot took the mean of all values
+    if (u.empty(j)) spread_to_values(grows + j * D, dv, kv_stride, D, S);
 }
 
 }  // namespace fma
