@@ -22,10 +22,14 @@ gpu-1.1b: a TinyLlama-1.1B-shaped random model (HF's init, imported through our 
 
 The reference is the authors' step in plain PyTorch: per micro-batch a forward over the q*c*c sequences,
 token log-probs in float32, masked mean per sequence, the [q, c, c] matrix, the symmetric InfoNCE loss,
-backward; then clip_grad_norm_(1.0) and AdamW. Each side runs `--steps` timed steps after `--warmup` (2) warm-up steps
-(ours: the first compiles, its time is printed apart). Losses of the first step are compared too. With
-`--malloc keep` glibc keeps freed memory, so that the reference's large tensors do not pay the machine's page
-faults anew at every step (see BENCHMARKS.md, session 29).
+backward; then clip_grad_norm_(1.0) and AdamW. Each side runs `--warmup` (2) warm-up steps (ours: the first
+compiles, its time is printed apart), then `--rounds` rounds of `--steps` timed steps: on cpu 3 rounds by default,
+the reference and every variant kept in memory and timed in turn, in alternating order, so that the VM's swings
+in speed (up to 1.8x within an hour on the 2-core VMs) fall on both sides of each round's ratio; the ratio printed
+is the median of the rounds'. Losses of the first step are compared too. With `--malloc keep` glibc serves every
+allocation from one heap and keeps what is freed, so that neither side pays the machine's page faults anew at
+every step for its large buffers (the reference's logits; XLA's temporaries, which its worker threads took from
+glibc arenas that map any request over 64 MB afresh): see BENCHMARKS.md, sessions 29 and 38.
 """
 
 from __future__ import annotations
@@ -95,6 +99,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    parser.add_argument("--rounds", type=int, help="rounds of --steps timed steps a side, in alternating order, both "
+                        "sides kept in memory; the ratio is the median of the rounds' (default: 3 on cpu, 1 on "
+                        "gpu-1.1b: the reference timed and freed first)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (ours: the first compiles)")
     parser.add_argument("--variants", help="ours as attention:remat[:option...], comma-separated; options: shared "
                         "(prompts shared), mN (N micro-batches instead of the setting's), bf16 (bfloat16 master "
@@ -110,15 +117,18 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="gpu-1.1b shapes shrunk, to test the script on a CPU")
     parser.add_argument("--malloc", choices=("os", "keep"), default="os",
                         help="os (default): glibc's defaults, which map each large buffer anew and return it when "
-                        "freed; keep: glibc serves every allocation from its heap and keeps what is freed (the "
-                        "process re-runs itself with MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_ set; the heap "
+                        "freed; keep: glibc serves every allocation from one heap and keeps what is freed (the "
+                        "process re-runs itself with MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ and "
+                        "MALLOC_ARENA_MAX=1 set; the heap "
                         "only grows: one such run on the 24 GB VM was killed for memory)")
     args = parser.parse_args()
     if args.malloc == "keep" and os.environ.get("MALLOC_MMAP_MAX_") != "0":
         # On the 2-core VM the reference's step took 1.2-1.8M page faults (its [16, 255, 49152] logits and their
         # log-softmax, mapped anew at every step) and 28-46 s of system time, which made it run at 90-112 tokens/s
-        # instead of about 205; ours (XLA maps its own buffers) was unchanged by this. See BENCHMARKS.md, session 29.
-        os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        # instead of about 205 (BENCHMARKS.md, session 29). Ours took 0.44M a step (1.4 s of system time) until
+        # one arena: glibc maps a request over 64 MB from a thread's own arena afresh whatever MALLOC_MMAP_MAX_
+        # says, and XLA's worker threads allocate its temporaries (session 38).
+        os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), MALLOC_ARENA_MAX="1")
         os.execv(sys.executable, [sys.executable, *sys.argv])
     gpu = args.setting == "gpu-1.1b"
     if gpu:  # the torch reference runs first and frees its memory; jax then allocates what it needs
@@ -181,14 +191,23 @@ def main() -> None:
 
     ref_losses = [torch_sami_step(torch, hf, opt, batches, autocast=gpu) for _ in range(args.warmup)]
     sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        torch_sami_step(torch, hf, opt, batches, autocast=gpu)
-    sync()
-    ref_s = (time.perf_counter() - start) / args.steps
-    del hf, opt, batches
-    if device == "cuda":
-        torch.cuda.empty_cache()
+
+    def time_reference():
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            torch_sami_step(torch, hf, opt, batches, autocast=gpu)
+        sync()
+        return (time.perf_counter() - start) / args.steps
+
+    # One round: the reference alone, then each variant compiled, timed and freed in turn. More rounds: the reference
+    # and every variant kept, and each round times them all, in alternating order; the ratios are per round.
+    rounds = args.rounds or (1 if gpu else 3)
+    ref_times = []
+    if rounds == 1:
+        ref_times.append(time_reference())
+        del hf, opt, batches
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- ours
     import jax
@@ -213,12 +232,13 @@ def main() -> None:
     n_tokens = tokens.size
     peak = peak_flops(jax.devices()[0])
     flops = train_flops(config, n_tokens, t, logit_tokens=int(loss_mask.sum()))
-    ref_tps = n_tokens / ref_s
     records = []
     kernels_env = {k: v for k, v in os.environ.items() if k == "SAMI_JAX_CPU_KERNELS"}
-    print(f"reference: {ref_micro} micro-batches; malloc {args.malloc}")
+    print(f"reference: {ref_micro} micro-batches; malloc {args.malloc}; {rounds} round(s) of {args.steps} steps a side")
     print(f"{'setting':70s} {'ours tok/s':>11s} {'ref tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'ref MFU':>8s}")
-    for impl, remat, *options in variants:
+
+    def prepare(impl, remat, *options):
+        """A variant compiled and warmed up: dict(step, holder [state], arrays, setting, losses, ...), or None."""
         unknown = [o for o in options if o not in ("shared", "bf16", "loop", "xlaops") and o[:1] != "m"
                    and not o.startswith("xla_")]
         if unknown:
@@ -241,55 +261,85 @@ def main() -> None:
             start = time.perf_counter()
             step = sami_step.lower(state, *arrays, **kwargs).compile(compiler_options=xla or None)
             state, metrics = step(state, *arrays)
-            our_losses = [float(metrics["loss"])]
+            losses = [float(metrics["loss"])]
         except Exception as e:  # e.g. no cuDNN flash attention for this GPU / jax build: report, go on
             print(f"{':'.join([impl, remat, *options])}: failed: {type(e).__name__}: {str(e)[:300]}")
-            del state  # before the next variant allocates its own
-            continue
+            return None
         compile_s = time.perf_counter() - start
         for _ in range(args.warmup - 1):
             state, metrics = step(state, *arrays)
-            our_losses.append(float(metrics["loss"]))
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, *arrays)
-        jax.block_until_ready(state)
-        ours_s = (time.perf_counter() - start) / args.steps
-        if args.profile and [impl, remat, *options] == variants[-1]:
-            from benchmarks.op_profile import op_profile
-
-            hlo = step.as_text()
-            holder = [state]
-
-            def one_step(holder=holder, arrays=arrays, step=step):
-                holder[0], m = step(holder[0], *arrays)
-                jax.block_until_ready(m)
-
-            op_profile(one_step, [hlo], top=40, title=f"sami_step, {':'.join([impl, remat, *options])}",
-                       out_json=os.path.join(args.profile, "step_ops.json"))
-            with gzip.open(os.path.join(args.profile, "step_hlo.txt.gz"), "wt") as f:
-                f.write(hlo)
-            state = holder[0]
-        del state
-        ours_tps = n_tokens / ours_s
+            losses.append(float(metrics["loss"]))
         setting = (f"{label}, attention {impl}, remat {remat}{', prompts shared' if shared else ''}, "
                    f"{n_micro} micro-batches{', bf16 master params' if 'bf16' in options else ''}"
                    f"{', layers unrolled' if 'loop' in options else ''}"
                    f"{', products and attention on the CPU kernels' if on_kernels else ''}"
                    + "".join(f", {k}={v}" for k, v in xla.items()))
-        record = {"setting": setting, "ours": ours_tps, "reference": ref_tps, "unit": "tokens/s",
-                  "ratio": ours_tps / ref_tps, "reference_micro_batches": ref_micro, "ours_compile_s": compile_s,
+        return dict(name=[impl, remat, *options], step=step, holder=[state], arrays=arrays, setting=setting,
+                    losses=losses, compile_s=compile_s, times=[])
+
+    def time_ours(run):
+        step, holder, arrays = run["step"], run["holder"], run["arrays"]
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            holder[0], _ = step(holder[0], *arrays)
+        jax.block_until_ready(holder[0])
+        return (time.perf_counter() - start) / args.steps
+
+    def finish(run):
+        """Profile (the last variant, if asked), print and record a variant whose times are in."""
+        if args.profile and run["name"] == variants[-1]:
+            from benchmarks.op_profile import op_profile
+
+            hlo = run["step"].as_text()
+
+            def one_step(run=run):
+                run["holder"][0], m = run["step"](run["holder"][0], *run["arrays"])
+                jax.block_until_ready(m)
+
+            op_profile(one_step, [hlo], top=40, title=f"sami_step, {':'.join(run['name'])}",
+                       out_json=os.path.join(args.profile, "step_ops.json"))
+            with gzip.open(os.path.join(args.profile, "step_hlo.txt.gz"), "wt") as f:
+                f.write(hlo)
+        run["holder"].clear()  # the state, before the next variant allocates its own
+        ratios = [r / o for r, o in zip(ref_times, run["times"], strict=True)]
+        ours_s, ref_s = float(np.median(run["times"])), float(np.median(ref_times))
+        ratio = float(np.median(ratios))
+        record = {"setting": run["setting"], "ours": n_tokens / ours_s, "reference": n_tokens / ref_s,
+                  "unit": "tokens/s", "ratio": ratio, "round_ratios": ratios, "rounds": rounds, "steps": args.steps,
+                  "step_seconds": {"ours": run["times"], "reference": ref_times},
+                  "reference_micro_batches": ref_micro, "ours_compile_s": run["compile_s"],
                   "device": jax.devices()[0].device_kind,
-                  "first_losses": {"ours": our_losses, "reference": ref_losses}}
+                  "first_losses": {"ours": run["losses"], "reference": ref_losses}}
         if peak:
             record.update(ours_mfu=flops / ours_s / peak, reference_mfu=flops / ref_s / peak)
         mfu = f"{record['ours_mfu']:9.1%} {record['reference_mfu']:8.1%}" if peak else f"{'-':>9s} {'-':>8s}"
-        print(f"{setting:70s} {ours_tps:11.0f} {ref_tps:10.0f} {record['ratio']:6.2f} {mfu}   "
-              f"(our compile {compile_s:.1f}s on {record['device']})")
-        print(f"  losses of the warm-up steps: ours {our_losses}, reference {ref_losses}")
+        print(f"{run['setting']:70s} {record['ours']:11.0f} {record['reference']:10.0f} {ratio:6.2f} {mfu}   "
+              f"(our compile {run['compile_s']:.1f}s on {record['device']})")
+        if rounds > 1:
+            print(f"  per round: ratio {' '.join(f'{r:.3f}' for r in ratios)}; step seconds, ours "
+                  f"{' '.join(f'{x:.2f}' for x in run['times'])}, reference {' '.join(f'{x:.2f}' for x in ref_times)}")
+        print(f"  losses of the warm-up steps: ours {run['losses']}, reference {ref_losses}")
         records.append(record)
         if args.json:  # after each variant, so that a run cut short keeps what it measured
             pathlib.Path(args.json).write_text(json.dumps(records, indent=2))
+
+    if rounds == 1:
+        for variant in variants:
+            run = prepare(*variant)
+            if run is not None:
+                run["times"].append(time_ours(run))
+                finish(run)
+    else:
+        runs = [run for run in map(lambda v: prepare(*v), variants) if run is not None]
+        for r in range(rounds):
+            sides = [None, *runs]  # None: the reference
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                if side is None:
+                    ref_times.append(time_reference())
+                else:
+                    side["times"].append(time_ours(side))
+        for run in runs:
+            finish(run)
     os.system(f"rm -rf {tmp}")
 
 
