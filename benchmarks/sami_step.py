@@ -330,7 +330,7 @@ def main() -> None:
                 run["times"].append(time_ours(run))
                 finish(run)
     else:
-        runs = [run for run in map(lambda v: prepare(*v), variants) if run is not None]
+        runs = [run for run in (prepare(*v) for v in variants) if run is not None]
         for r in range(rounds):
             sides = [None, *runs]  # None: the reference
             for side in sides if r % 2 == 0 else sides[::-1]:
