@@ -121,7 +121,7 @@ def main() -> None:
                         "process re-runs itself with MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ and "
                         "MALLOC_ARENA_MAX=1 set; the heap only grows: one such run on the 24 GB VM was killed for "
                         "memory, and with --rounds, which keeps every side in memory, the two default cpu variants "
-                        "peaked at 24.2 GB there: time one variant at a time on such a machine)")
+                        "peaked at 24.2 GB there (21.5 GB with os): time one variant at a time on such a machine)")
     args = parser.parse_args()
     if args.malloc == "keep" and os.environ.get("MALLOC_MMAP_MAX_") != "0":
         # On the 2-core VM the reference's step took 1.2-1.8M page faults (its [16, 255, 49152] logits and their
