@@ -926,7 +926,7 @@ void product(ffi::ThreadPool& pool, Operand a, Operand b, float* y, int64_t M, i
     // block of b (the panel's next k block, or the next panel's first) is fetched into L1 in shares, one before each
     // tile: it comes from L3, and its first tiles otherwise waited for it. In a SAMI step on a 2-core AMD EPYC
     // (session 39) the tiles ran 3-6% faster (thread time per FLOP) and the step took paired 0.958, 0.954 and 0.981 of
-    // the time in three runs of 5 to 10 rounds; alone, with b in cache, a product took 0.96-1.00.
+    // the time in three runs of 5 to 10 rounds; alone, with b in cache, a product took 0.96-1.01.
     for (int64_t p = 0; p < P; ++p) {
       const int64_t j0 = p * NR, cols = std::min(NR, N - j0);
       for (int64_t kb = 0; kb < blocks_k; ++kb) {
@@ -937,7 +937,7 @@ void product(ffi::ThreadPool& pool, Operand a, Operand b, float* y, int64_t M, i
         const char* next = reinterpret_cast<const char*>(bp + (next_kb * P + next_p) * KC * NR);
         // (a panel's row of 16 floats is one cache line, or two halves where bp is not 64-byte aligned)
         const int64_t lines = next_p < P ? std::min(KC, K - next_kb * KC) + 1 : 0;
-        const int64_t share = (lines + (rows + MR - 1) / MR - 1) / ((rows + MR - 1) / MR);
+        const int64_t tiles = (rows + MR - 1) / MR, share = (lines + tiles - 1) / tiles;
         for (int64_t i = 0, l = 0; i < rows; i += MR) {
           for (const int64_t end = std::min(lines, l + share); l < end; ++l) _mm_prefetch(next + l * 64, _MM_HINT_T0);
           tile_part(kc, rows_kb + i * kc, panel, y + (i0 + i) * N + j0, N, std::min(MR, rows - i), cols, kb > 0);
