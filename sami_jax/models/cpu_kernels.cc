@@ -890,8 +890,10 @@ void pack_rows(Operand a, int64_t M, int64_t i0, int64_t mc, int64_t k0, int64_t
   }
 }
 
-float* aligned(std::vector<float>& v, size_t n) {  // n floats of v, 32-byte aligned, and 8 to spare after them
-  v.resize(n + 16);
+// n floats of v, 32-byte aligned, and 8 to spare after them. v only grows: a thread's buffer serves products of
+// many sizes, and growing it back after a shrink would zero the difference on every call.
+float* aligned(std::vector<float>& v, size_t n) {
+  if (v.size() < n + 16) v.resize(n + 16);
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 31) & ~uintptr_t{31});
 }
 
