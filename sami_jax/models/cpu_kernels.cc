@@ -921,7 +921,7 @@ void product(ffi::ThreadPool& pool, Operand a, Operand b, float* y, int64_t M, i
   parallel_for(pool, (M + mc - 1) / mc, [=](int64_t u) {
     thread_local std::vector<float> packed_a;  // [k blocks][mc / 6][kc][6]
     float* ap = aligned(packed_a, blocks_k * mc * KC);
-    const int64_t i0 = u * mc, rows = std::min(mc, M - i0);
+    const int64_t i0 = u * mc, rows = std::min(mc, M - i0), tiles = (rows + MR - 1) / MR;
     for (int64_t kb = 0; kb < blocks_k; ++kb) pack_rows(a, M, i0, rows, kb * KC, std::min(KC, K - kb * KC),
                                                        ap + kb * mc * KC);
     // Each panel's [mc, 16] of y through all k blocks, so that it stays in L1 while the blocks add to it. The next
@@ -935,11 +935,12 @@ void product(ffi::ThreadPool& pool, Operand a, Operand b, float* y, int64_t M, i
         const int64_t kc = std::min(KC, K - kb * KC);
         const float* panel = bp + (kb * P + p) * KC * NR;
         const float* rows_kb = ap + kb * mc * KC;
-        const int64_t next_kb = kb + 1 < blocks_k ? kb + 1 : 0, next_p = kb + 1 < blocks_k ? p : p + 1;
+        const bool last_kb = kb + 1 == blocks_k;
+        const int64_t next_kb = last_kb ? 0 : kb + 1, next_p = last_kb ? p + 1 : p;
         const char* next = reinterpret_cast<const char*>(bp + (next_kb * P + next_p) * KC * NR);
         // (a panel's row of 16 floats is one cache line, or two halves where bp is not 64-byte aligned)
         const int64_t lines = next_p < P ? std::min(KC, K - next_kb * KC) + 1 : 0;
-        const int64_t tiles = (rows + MR - 1) / MR, share = (lines + tiles - 1) / tiles;
+        const int64_t share = (lines + tiles - 1) / tiles;
         for (int64_t i = 0, l = 0; i < rows; i += MR) {
           for (const int64_t end = std::min(lines, l + share); l < end; ++l) _mm_prefetch(next + l * 64, _MM_HINT_T0);
           tile_part(kc, rows_kb + i * kc, panel, y + (i0 + i) * N + j0, N, std::min(MR, rows - i), cols, kb > 0);
