@@ -1,5 +1,5 @@
 """Run by tests/test_evaluate_real.py in its own process (XLA's default optimization: the 135M model's prefill
-of 16 x 640 tokens runs twice as fast as under the suite's level 0). Judges the n real pairs given on the
+of 8 x 640 tokens runs twice as fast as under the suite's level 0). Judges the n real pairs given on the
 command line with the local judge and, through `sami_jax.serve` on loopback, with the openai: judge; writes
 both judgment lists to OUT as JSON."""
 
@@ -16,9 +16,10 @@ def main(gguf, candidate, baseline, n, out):
     pairs = sorted(J.pair_up(J.read_responses(candidate), J.read_responses(baseline)),
                    key=lambda p: len(p.query) + len(p.candidate) + len(p.baseline))[: int(n)]
     model = sami_jax.load_model(gguf)
+    batch = 2 * len(pairs)  # both orders of every pair in one batch
     buckets = (640, 1024)  # the shortest posts' judge prompts are 530-600 tokens
-    local = J.LocalJudge("smollm2", model=model, max_tokens=8, batch_size=16, buckets=buckets)
-    server = serve.start(model, host="127.0.0.1", port=0, max_batch=16, batch_wait_ms=5000, buckets=buckets)
+    local = J.LocalJudge("smollm2", model=model, max_tokens=8, batch_size=batch, buckets=buckets)
+    server = serve.start(model, host="127.0.0.1", port=0, max_batch=batch, batch_wait_ms=5000, buckets=buckets)
     try:
         remote = J.make_judge(f"openai:{server.url}:{server.served_name}", timeout=600, retries=1, max_tokens=8)
         out = pathlib.Path(out)

@@ -63,20 +63,21 @@ def test_verdict_judge_matches_transformers_next_token(smollm2_model, smollm2_tr
 
 
 def test_openai_judge_through_our_server_equals_the_local_judge(smollm2_gguf, tldr_response_files, tmp_path):
-    """8 real pairs, both orders: the openai: judge talking to `sami_jax.serve` on loopback gives exactly the local
-    judge's answers (greedy, same model). Runs in a child process with a time bound (tests/serve_judge_check.py)."""
+    """4 real pairs, both orders: the openai: judge talking to `sami_jax.serve` on loopback gives exactly the local
+    judge's answers (greedy, same model). Runs in a child process with a time bound (tests/serve_judge_check.py).
+    (8 pairs took 220 s of the suite's 15 minutes on the 2-core AMD VM, session 41.)"""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("serve_judge_check.py")),
-                           str(smollm2_gguf), str(tldr_response_files[0]), str(tldr_response_files[1]), "8",
+                           str(smollm2_gguf), str(tldr_response_files[0]), str(tldr_response_files[1]), "4",
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     read = lambda d: [json.loads(line) for line in (tmp_path / d / "judgments.jsonl").read_text().splitlines()]
     local_records, remote_records = read("local"), read("remote")
-    assert len(local_records) == len(remote_records) == 8
+    assert len(local_records) == len(remote_records) == 4
     for x, y in zip(local_records, remote_records, strict=True):
         for order in ("candidate_first", "baseline_first"):
             assert x[order]["answer"] and x[order]["answer"] == y[order]["answer"]
             assert x[order]["verdict"] == y[order]["verdict"]
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("local", "remote")]
     assert summaries[0]["mean_of_orders"] == summaries[1]["mean_of_orders"]
-    assert json.loads((tmp_path / "server.json").read_text())["batches"] < 16  # the 16 requests were batched
+    assert json.loads((tmp_path / "server.json").read_text())["batches"] < 8  # the 8 requests were batched
